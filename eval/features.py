@@ -1,0 +1,266 @@
+"""Feature extractors that score samples, and cached feature statistics of the real data.
+
+Two extractors share one interface (`FeatureExtractor`): InceptionV3 with the FID weights for natural
+images, and the domain feature net (stage feature_net) where no Inception weights are available.
+Both map images to a pooled feature vector (FID, KID, precision/recall) and class logits (Inception
+Score, class accuracy). Nothing is ever downloaded: missing weights are an error naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import pickle
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from eval.io import atomic_open
+from eval.metrics import feature_statistics
+from lightning_modules.nets.feature_net import FeatureNet
+
+INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_CONFIG_KEY = "model.features.weights_path"
+CHECKPOINT_KEYS = ("feature_net_hparams", "feature_net_state_dict")
+
+Images = np.ndarray | torch.Tensor
+
+
+def to_float_nchw(images: Images) -> torch.Tensor:
+    """uint8 (B, H, W, C) in [0, 255] or float (B, C, H, W) in [-1, 1] -> float (B, C, H, W) in [-1, 1]."""
+    x = torch.as_tensor(images)
+    if x.ndim != 4:
+        raise ValueError(f"images must be 4-d, got shape {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x.float()
+
+
+def to_uint8_nchw(images: Images) -> torch.Tensor:
+    """uint8 (B, H, W, C) or float (B, C, H, W) in [-1, 1] -> uint8 (B, C, H, W).
+
+    Floats are quantised the way samples are saved to samples.npz, so both inputs score the same.
+    """
+    x = torch.as_tensor(images)
+    if x.ndim != 4:
+        raise ValueError(f"images must be 4-d, got shape {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        return x.permute(0, 3, 1, 2)
+    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+class FeatureExtractor(nn.Module):
+    """A frozen network: images -> {"pooled": (B, D), "logits": (B, K)}.
+
+    Subclasses set `name`, `feature_dim`, `num_classes` and implement `forward`, accepting uint8
+    (B, H, W, C) or float (B, C, H, W) in [-1, 1] (see `to_float_nchw` / `to_uint8_nchw`).
+    """
+
+    name: str = "feature_extractor"
+    feature_dim: int
+    num_classes: int
+
+    def _freeze(self) -> None:
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        # Metrics must not depend on dropout or batch-norm batch statistics: stay in eval mode.
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        tensor = next(itertools.chain(self.parameters(), self.buffers()), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
+    def fingerprint(self) -> str:
+        """sha256 hex digest of the extractor name and its weights (names, dtypes, shapes, bytes)."""
+        digest = hashlib.sha256(self.name.encode())
+        for key, value in sorted(self.state_dict().items()):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{key}|{t.dtype}|{tuple(value.shape)}|".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+
+def _load_torch_file(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Our own Lightning checkpoints may hold config objects that the safe loader refuses; the file
+        # is this pipeline's own output, so the full unpickler is acceptable here.
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+class DomainFeatures(FeatureExtractor):
+    """The domain feature net (stage feature_net) as a metrics feature extractor.
+
+    Args:
+        checkpoint_path: torch-saved dict with "feature_net_hparams" (FeatureNet kwargs) and
+            "feature_net_state_dict" (written by the feature_net stage into final.ckpt).
+    """
+
+    name = "domain_feature_net"
+
+    def __init__(self, checkpoint_path: str | os.PathLike) -> None:
+        super().__init__()
+        path = Path(checkpoint_path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"feature-net checkpoint not found: {path} (train stage feature_net first, or set "
+                f"{WEIGHTS_CONFIG_KEY})"
+            )
+        ckpt = _load_torch_file(path)
+        missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        if missing:
+            found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise KeyError(
+                f"checkpoint {path} lacks {missing} (found: {found}); is it a feature_net checkpoint?"
+            )
+        self.net = FeatureNet(**ckpt["feature_net_hparams"])
+        self.net.load_state_dict(ckpt["feature_net_state_dict"])
+        self.feature_dim = self.net.feature_dim
+        self.num_classes = self.net.num_classes
+        self._freeze()
+
+    def forward(self, images: Images) -> dict[str, torch.Tensor]:
+        """images: uint8 (B, H, W, C) or float (B, C, H, W) in [-1, 1] -> pooled (B, D), logits (B, K)."""
+        x = to_float_nchw(images).to(self.device)
+        if x.shape[1] != self.net.in_channels:
+            raise ValueError(f"{self.name} expects {self.net.in_channels}-channel images, got {x.shape[1]}")
+        out = self.net(x)
+        return {"pooled": out["pooled"], "logits": out["logits"]}
+
+
+def default_inception_weights_path() -> Path:
+    """Where torch hub (and pytorch-fid) cache the FID InceptionV3 weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+
+
+def _inception_backend() -> type[nn.Module] | None:
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError:
+        return None
+    return FeatureExtractorInceptionV3
+
+
+class InceptionFeatures(FeatureExtractor):
+    """InceptionV3 with the TF FID weights (2048-d pool features, 1008 logits), via torch-fidelity,
+    the backend torchmetrics' FID uses. Grayscale is repeated to RGB; torch-fidelity resizes to 299x299
+    with its TF1-compatible bilinear resize, which reference FID numbers depend on.
+
+    Args:
+        weights_path: the weights file; default the torch hub cache file `INCEPTION_WEIGHTS_FILE`.
+    """
+
+    name = "inception_v3_fid"
+    feature_dim = 2048
+    num_classes = 1008
+
+    def __init__(self, weights_path: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        path = Path(weights_path) if weights_path else default_inception_weights_path()
+        backend = _inception_backend()
+        hint = (
+            f"No download is attempted: put {INCEPTION_WEIGHTS_FILE} there or set {WEIGHTS_CONFIG_KEY}=<file>, "
+            f"or score with the domain feature net."
+        )
+        if not path.is_file():
+            raise FileNotFoundError(f"InceptionV3 FID weights not found: expected {path}. {hint}")
+        if backend is None:
+            raise ImportError(
+                f"InceptionFeatures needs torch-fidelity (torchmetrics' FID backend), which is not installed "
+                f"(weights file: {path}, config key {WEIGHTS_CONFIG_KEY}). {hint}"
+            )
+        # 'logits_unbiased' (no fc bias) is what torch-fidelity and the TF reference use for IS.
+        self.net = backend(
+            name="inception-v3-compat",
+            features_list=["2048", "logits_unbiased"],
+            feature_extractor_weights_path=str(path),
+        )
+        self._freeze()
+
+    def forward(self, images: Images) -> dict[str, torch.Tensor]:
+        """images: uint8 (B, H, W, C) or float (B, C, H, W) in [-1, 1] -> pooled (B, 2048), logits (B, 1008)."""
+        x = to_uint8_nchw(images).to(self.device)
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        pooled, logits = self.net(x)
+        return {"pooled": pooled, "logits": logits}
+
+
+def _batches(images: Images | Iterable[Images], batch_size: int) -> Iterator[Images]:
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        for start in range(0, len(images), batch_size):
+            yield images[start : start + batch_size]
+    else:
+        yield from images
+
+
+@torch.inference_mode()
+def extract_features(
+    extractor: FeatureExtractor,
+    images: Images | Iterable[Images],
+    batch_size: int = 256,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Run `extractor` over uint8 images (N, H, W, C), or an iterable of such batches.
+
+    Returns {"pooled": (N, D), "logits": (N, K)} as float32 numpy arrays (metrics upcast to float64).
+    """
+    batches = _batches(images, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"features ({extractor.name})", unit="batch")
+    outputs: dict[str, list[np.ndarray]] = {"pooled": [], "logits": []}
+    for batch in batches:
+        out = extractor(batch)
+        for key, chunks in outputs.items():
+            chunks.append(out[key].float().cpu().numpy())
+    if not outputs["pooled"]:
+        raise ValueError("no images to extract features from")
+    return {key: np.concatenate(chunks) for key, chunks in outputs.items()}
+
+
+def reference_cache_path(
+    cache_dir: str | os.PathLike, manifest_hash: str, extractor: FeatureExtractor
+) -> Path:
+    """`<cache_dir>/ref_<manifest_hash[:12]>_<fingerprint[:12]>.npz`: new data or new weights, new file."""
+    if not manifest_hash:
+        raise ValueError("manifest_hash must be a non-empty string")
+    return Path(cache_dir) / f"ref_{manifest_hash[:12]}_{extractor.fingerprint()[:12]}.npz"
+
+
+def reference_statistics(
+    extractor: FeatureExtractor,
+    images: Images | Iterable[Images],
+    cache_dir: str | os.PathLike,
+    manifest_hash: str,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> dict:
+    """Feature statistics of the real (test-split) images, computed once and cached.
+
+    images: uint8 (N, H, W, C) or an iterable of such batches; only consumed on a cache miss, so a lazy
+    iterable costs nothing when the cache is warm. Returns {"mu": (D,), "sigma": (D, D) float64,
+    "pooled": (N, D) float32 (for precision/recall, KID), "n": int}.
+    """
+    path = reference_cache_path(cache_dir, manifest_hash, extractor)
+    if path.is_file():
+        with np.load(path) as cached:
+            stats = {key: cached[key] for key in cached.files}
+        stats["n"] = int(stats["n"])
+        return stats
+    pooled = extract_features(extractor, images, batch_size=batch_size, progress=progress)["pooled"]
+    mu, sigma = feature_statistics(pooled)
+    stats = {"mu": mu, "sigma": sigma, "pooled": pooled, "n": len(pooled)}
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **stats)
+    return stats

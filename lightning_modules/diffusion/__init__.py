@@ -1,0 +1,53 @@
+"""Pure tensor math of guided diffusion: schedules, forward process, DDPM/DDIM steps, guidance, sampling.
+
+No Lightning, Hydra or W&B here: everything is testable with tensors alone.
+"""
+
+from .guidance import (
+    CFGDenoiser,
+    cfg_combine,
+    classifier_cond_fn,
+    classifier_grad,
+    condition_mean,
+    condition_score,
+)
+from .process import (
+    PREDICTION_TYPES,
+    convert_prediction,
+    min_snr_weight,
+    q_posterior_mean_variance,
+    q_sample,
+    snr,
+    training_target,
+)
+from .samplers import TIMESTEP_SPACINGS, DDIMSampler, DDPMSampler, Sampler, make_timesteps
+from .sampling import make_generators, sample, seeded_noise
+from .schedules import BETA_SCHEDULES, NoiseSchedule, extract, make_betas
+
+__all__ = [
+    "BETA_SCHEDULES",
+    "CFGDenoiser",
+    "DDIMSampler",
+    "DDPMSampler",
+    "NoiseSchedule",
+    "PREDICTION_TYPES",
+    "Sampler",
+    "TIMESTEP_SPACINGS",
+    "cfg_combine",
+    "classifier_cond_fn",
+    "classifier_grad",
+    "condition_mean",
+    "condition_score",
+    "convert_prediction",
+    "extract",
+    "make_betas",
+    "make_generators",
+    "make_timesteps",
+    "min_snr_weight",
+    "q_posterior_mean_variance",
+    "q_sample",
+    "sample",
+    "seeded_noise",
+    "snr",
+    "training_target",
+]

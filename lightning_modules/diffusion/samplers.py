@@ -1,0 +1,233 @@
+"""DDPM and DDIM reverse steps on a (possibly respaced) subsequence of the training timesteps.
+
+Samplers never call the model: the loop in `sampling.py` does, converts the output to eps and hands it to
+`step`. Symbols used in the steps (t and t' are training timesteps, t' the next one on the sampling chain,
+abar_{-1} = 1):
+
+    abar_t, abar_prev   alphas_cumprod[t], alphas_cumprod[t'] (diffusers: alpha_prod_t, alpha_prod_t_prev)
+    beta_t'             1 - abar_t / abar_prev, the step's beta on the respaced chain (current_beta_t)
+    x0_hat              (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (pred_original_sample)
+    sigma_t^2           the step's variance (DDPM: posterior variance; DDIM: eta-scaled, eq. 16)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .guidance import condition_mean, condition_score
+from .schedules import NoiseSchedule
+
+__all__ = ["DDIMSampler", "DDPMSampler", "Sampler", "TIMESTEP_SPACINGS", "make_timesteps"]
+
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+# diffusers clamps the DDPM posterior variance at 1e-20 so its square root (and log) stay finite.
+_MIN_VARIANCE = 1e-20
+
+
+def make_timesteps(num_train_timesteps: int, num_steps: int, spacing: str) -> Tensor:
+    """Descending training timesteps visited by a sampler of `num_steps` steps, long (num_steps,).
+
+    The spacings of Lin et al. 2023, Table 2, exactly as diffusers' DDIMScheduler.set_timesteps with
+    steps_offset=0: "leading" k * (T // n); "trailing" round(T - k * T / n) - 1; "linspace"
+    round(linspace(0, T - 1, n)).
+    """
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {list(TIMESTEP_SPACINGS)}")
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+    if spacing == "leading":
+        steps = np.arange(num_steps)[::-1] * (num_train_timesteps // num_steps)
+    elif spacing == "trailing":
+        steps = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps))
+    else:
+        steps = np.linspace(0, num_train_timesteps - 1, num_steps).round()[::-1]
+    return torch.from_numpy(steps.astype(np.int64).copy())
+
+
+def _prev_timestep(timesteps: Tensor, t: int) -> int:
+    """The timestep after t on the descending chain, -1 after the last one."""
+    matches = (timesteps == t).nonzero()
+    if matches.numel() == 0:
+        raise ValueError(f"timestep {t} is not on this sampler's chain")
+    index = int(matches[0, 0])
+    return int(timesteps[index + 1]) if index + 1 < timesteps.numel() else -1
+
+
+def _abar(schedule: NoiseSchedule, t: int) -> float:
+    return float(schedule.alphas_cumprod[t]) if t >= 0 else 1.0
+
+
+def _predict_x0(x_t: Tensor, eps: Tensor, abar_t: float) -> Tensor:
+    """Ho et al. 2020, eq. 4 solved for x0."""
+    return (x_t - math.sqrt(1.0 - abar_t) * eps) / math.sqrt(abar_t)
+
+
+def _predict_eps(x_t: Tensor, x0: Tensor, abar_t: float) -> Tensor:
+    return (x_t - math.sqrt(abar_t) * x0) / math.sqrt(1.0 - abar_t)
+
+
+def _add_noise(mean: Tensor, variance: float, noise: Tensor | None) -> Tensor:
+    if variance == 0.0:
+        return mean
+    if noise is None:
+        raise ValueError("this step is stochastic (variance > 0) but no noise was given")
+    return mean + math.sqrt(variance) * noise
+
+
+class Sampler(Protocol):
+    """What the sampling loop needs from a sampler."""
+
+    def timesteps(self, schedule: NoiseSchedule) -> Tensor: ...
+
+    def needs_noise(self, schedule: NoiseSchedule, t: int) -> bool: ...
+
+    def step(
+        self,
+        schedule: NoiseSchedule,
+        eps: Tensor,
+        t: int,
+        x_t: Tensor,
+        noise: Tensor | None,
+        grad: Tensor | None = None,
+    ) -> dict[str, Tensor | float]: ...
+
+
+@dataclass
+class _RespacedSampler:
+    num_steps: int
+    spacing: str
+    clip_x0: float | None
+
+    def timesteps(self, schedule: NoiseSchedule) -> Tensor:
+        """Training timesteps visited, descending, long (num_steps,)."""
+        return make_timesteps(schedule.num_timesteps, self.num_steps, self.spacing)
+
+    def prev_timestep(self, schedule: NoiseSchedule, t: int) -> int:
+        """The next (smaller) timestep of the chain after t; -1 after the last step."""
+        return _prev_timestep(self.timesteps(schedule), t)
+
+    def _x0_and_eps(self, x_t: Tensor, eps: Tensor, abar_t: float) -> tuple[Tensor, Tensor]:
+        """x0_hat, optionally clipped, and the eps consistent with it (guided-diffusion's DDIM does the same)."""
+        x0 = _predict_x0(x_t, eps, abar_t)
+        if self.clip_x0 is None:
+            return x0, eps
+        x0 = x0.clamp(-self.clip_x0, self.clip_x0)
+        return x0, _predict_eps(x_t, x0, abar_t)
+
+
+@dataclass
+class DDPMSampler(_RespacedSampler):
+    """Ancestral sampling with the posterior q(x_t' | x_t, x0_hat) (Ho et al. 2020, eq. 6-7, Algorithm 2).
+
+    On a respaced chain the step uses beta_t' = 1 - abar_t / abar_prev (Nichol & Dhariwal 2021, Sec. 4;
+    diffusers' DDPMScheduler with num_inference_steps < T) and the "fixed_small" variance
+    (1 - abar_prev) / (1 - abar_t) * beta_t'. Classifier guidance shifts the step's mean by variance * grad.
+    """
+
+    num_steps: int = 1000
+    spacing: str = "leading"
+    clip_x0: float | None = None
+
+    def needs_noise(self, schedule: NoiseSchedule, t: int) -> bool:
+        return self.prev_timestep(schedule, t) >= 0
+
+    def mean_variance(
+        self, schedule: NoiseSchedule, eps: Tensor, t: int, x_t: Tensor
+    ) -> dict[str, Tensor | float]:
+        """Mean (B, ...) and variance (float) of p(x_t' | x_t), and x0_hat (B, ...)."""
+        abar_t = _abar(schedule, t)
+        abar_prev = _abar(schedule, self.prev_timestep(schedule, t))
+        beta = 1.0 - abar_t / abar_prev
+        # 1. x0_hat from eps (Ho et al. eq. 4 / eq. 15 solved for x0).
+        x0, _ = self._x0_and_eps(x_t, eps, abar_t)
+        # 2. Posterior mean on the respaced chain (Ho et al. eq. 7 with beta_t -> beta_t').
+        coef_x0 = math.sqrt(abar_prev) * beta / (1.0 - abar_t)
+        coef_xt = math.sqrt(1.0 - beta) * (1.0 - abar_prev) / (1.0 - abar_t)
+        mean = coef_x0 * x0 + coef_xt * x_t
+        # 3. Posterior variance; exactly 0 on the last step, where abar_prev = 1.
+        variance = (1.0 - abar_prev) / (1.0 - abar_t) * beta
+        if abar_prev < 1.0:
+            variance = max(variance, _MIN_VARIANCE)
+        return {"mean": mean, "variance": variance, "pred_x0": x0}
+
+    def step(
+        self,
+        schedule: NoiseSchedule,
+        eps: Tensor,
+        t: int,
+        x_t: Tensor,
+        noise: Tensor | None,
+        grad: Tensor | None = None,
+    ) -> dict[str, Tensor | float]:
+        """One reverse step from training timestep t to the next one of the chain.
+
+        eps, x_t, noise, grad: (B, ...); noise may be None on the last step; grad is the scaled
+        classifier gradient at (x_t, t) (guided-diffusion `condition_mean`). Returns prev_sample,
+        pred_x0 and the (guided) mean, all (B, ...), and the variance (float).
+        """
+        out = self.mean_variance(schedule, eps, t, x_t)
+        if grad is not None:
+            out["mean"] = condition_mean(out["mean"], out["variance"], grad)
+        out["prev_sample"] = _add_noise(out["mean"], out["variance"], noise)
+        return out
+
+
+@dataclass
+class DDIMSampler(_RespacedSampler):
+    """DDIM (Song et al. 2021, eq. 12), with sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t))
+    sqrt(1 - abar_t / abar_prev) (eq. 16): eta = 0 is deterministic, eta = 1 is DDPM's variance.
+
+    Classifier guidance replaces eps by eps - sqrt(1 - abar_t) grad (guided-diffusion `condition_score`).
+    """
+
+    num_steps: int = 50
+    eta: float = 0.0
+    spacing: str = "leading"
+    clip_x0: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.eta < 0:
+            raise ValueError(f"DDIM eta must be >= 0, got {self.eta}")
+
+    def needs_noise(self, schedule: NoiseSchedule, t: int) -> bool:
+        return self.eta > 0 and self.prev_timestep(schedule, t) >= 0
+
+    def step(
+        self,
+        schedule: NoiseSchedule,
+        eps: Tensor,
+        t: int,
+        x_t: Tensor,
+        noise: Tensor | None,
+        grad: Tensor | None = None,
+    ) -> dict[str, Tensor | float]:
+        """One DDIM step from training timestep t to the next one of the chain.
+
+        eps, x_t, noise, grad: (B, ...); noise is needed only when eta > 0; grad is the scaled classifier
+        gradient at (x_t, t). Returns prev_sample, pred_x0 and the deterministic part `mean`, all (B, ...),
+        and the variance sigma_t^2 (float).
+        """
+        abar_t = _abar(schedule, t)
+        abar_prev = _abar(schedule, self.prev_timestep(schedule, t))
+        if grad is not None:
+            t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+            eps = condition_score(schedule, eps, x_t, t_batch, grad)
+        # 1. x0_hat, and eps recomputed from it if x0_hat was clipped.
+        x0, eps = self._x0_and_eps(x_t, eps, abar_t)
+        # 2. sigma_t^2 (eq. 16).
+        variance = self.eta**2 * (1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev)
+        # 3. "direction pointing to x_t" and the deterministic part of eq. 12.
+        mean = math.sqrt(abar_prev) * x0 + math.sqrt(max(1.0 - abar_prev - variance, 0.0)) * eps
+        return {
+            "prev_sample": _add_noise(mean, variance, noise),
+            "pred_x0": x0,
+            "mean": mean,
+            "variance": variance,
+        }

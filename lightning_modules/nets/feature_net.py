@@ -1,0 +1,86 @@
+"""A small CNN classifier whose features stand in for LPIPS and Inception on small datasets.
+
+The same network serves three roles: a classifier (logits), a perceptual distance (multi-layer
+feature maps, LPIPS-style, Zhang et al. 2018) and a metrics feature extractor (pooled vector for
+FID/precision-recall, logits for Inception Score / class accuracy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class _ConvStage(nn.Sequential):
+    """Two 3x3 conv + GroupNorm + SiLU layers; the first optionally downsamples by 2."""
+
+    def __init__(self, in_ch: int, out_ch: int, downsample: bool) -> None:
+        groups = min(8, out_ch)
+        super().__init__(
+            nn.Conv2d(in_ch, out_ch, 3, stride=2 if downsample else 1, padding=1),
+            nn.GroupNorm(groups, out_ch),
+            nn.SiLU(),
+            nn.Conv2d(out_ch, out_ch, 3, padding=1),
+            nn.GroupNorm(groups, out_ch),
+            nn.SiLU(),
+        )
+
+
+class FeatureNet(nn.Module):
+    """CNN classifier exposing multi-layer features, a pooled feature vector and logits.
+
+    Args:
+        in_channels: image channels C.
+        num_classes: K.
+        widths: channels of each stage; every stage after the first halves the resolution.
+        dropout: dropout before the classification head.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        widths: Sequence[int] = (32, 64, 128),
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.widths = tuple(int(w) for w in widths)
+        chans = (in_channels, *self.widths)
+        self.stages = nn.ModuleList(
+            _ConvStage(chans[i], chans[i + 1], downsample=i > 0) for i in range(len(self.widths))
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(self.widths[-1], num_classes)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.widths[-1]
+
+    def hparams(self) -> dict:
+        """Constructor arguments, so a checkpoint can rebuild the net without a config."""
+        return {
+            "in_channels": self.in_channels,
+            "num_classes": self.num_classes,
+            "widths": list(self.widths),
+            "dropout": self.dropout.p,
+        }
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x: (B, C, H, W) in [-1, 1] -> one (B, C_i, H_i, W_i) map per stage."""
+        maps = []
+        h = x
+        for stage in self.stages:
+            h = stage(h)
+            maps.append(h)
+        return maps
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """x: (B, C, H, W) in [-1, 1] -> {"features": [maps], "pooled": (B, D), "logits": (B, K)}."""
+        maps = self.feature_maps(x)
+        pooled = maps[-1].mean(dim=(2, 3))
+        logits = self.head(self.dropout(pooled))
+        return {"features": maps, "pooled": pooled, "logits": logits}

@@ -1,0 +1,143 @@
+"""Turn a composed train config into Lightning objects (trainer, callbacks, loggers)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+
+from pipeline.common import atomic_write_json, config_hash, env_rank, read_done, scrub_secrets
+
+# Trainer keys that say where/how fast a run goes, not what it computes: a change of these does not
+# invalidate a finished stage (a stage trained on 8 GPUs is not redone on 1).
+VOLATILE_TRAINER_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "enable_progress_bar",
+                         "default_root_dir", "log_every_n_steps", "plugins")  # fmt: skip
+VOLATILE_DATA_KEYS = ("num_workers", "urls")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to a temp file beside the target, then rename: a killed job never leaves half a .ckpt."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def stage_hash(cfg: DictConfig) -> str:
+    """Hash of everything that determines a stage's result, including its upstream stages' hashes."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    trainer = {k: v for k, v in data.get("trainer", {}).items() if k not in VOLATILE_TRAINER_KEYS}
+    dataset = {k: v for k, v in data.get("data", {}).items() if k not in VOLATILE_DATA_KEYS}
+    dataset.pop("datamodule", None)
+    upstream = {name: (read_done(path) or {}).get("config_hash") for name, path in upstream_dirs(cfg).items()}
+    return config_hash(
+        {"stage": data["stage"], "model": data.get("model"), "data": dataset, "trainer": trainer,
+         "seed": data.get("seed"), "upstream": upstream}  # fmt: skip
+    )
+
+
+def upstream_dirs(cfg: DictConfig) -> dict[str, str]:
+    upstream = cfg.stage.get("upstream")
+    return dict(OmegaConf.to_container(upstream, resolve=True)) if upstream else {}
+
+
+def wandb_run_id(run_dir: str, stage_dir_name: str, chash: str) -> str:
+    """A stable W&B id: a requeued or resumed stage continues its W&B run instead of starting a new one."""
+    return hashlib.sha1(f"{os.path.abspath(run_dir)}|{stage_dir_name}|{chash}".encode()).hexdigest()[:16]
+
+
+def build_loggers(cfg: DictConfig, chash: str) -> list:
+    loggers = []
+    for name, lcfg in (cfg.get("logger") or {}).items():
+        if lcfg is None:
+            continue
+        if name == "wandb":
+            with open_dict(lcfg):
+                lcfg.id = wandb_run_id(cfg.paths.run_dir, cfg.stage.dir_name, chash)
+                if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "online":
+                    lcfg.offline = True
+            os.makedirs(lcfg.save_dir, exist_ok=True)
+        loggers.append(instantiate(lcfg))
+    for lg in loggers:
+        if hasattr(lg, "log_hyperparams"):
+            lg.log_hyperparams(scrub_secrets(OmegaConf.to_container(cfg, resolve=True)))
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig, stage_dir: Path) -> list[Callback]:
+    callbacks: list[Callback] = [
+        ModelCheckpoint(
+            dirpath=stage_dir / "checkpoints",
+            filename="step{step}",
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=cfg.stage.checkpoint_every_n_steps,
+            auto_insert_metric_name=False,
+        ),
+        TQDMProgressBar(refresh_rate=cfg.progress_refresh_rate),
+    ]
+    if cfg.get("logger"):
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    for cb in (cfg.stage.get("callbacks") or {}).values():
+        if cb is not None:
+            callbacks.append(instantiate(cb))
+    return callbacks
+
+
+def build_trainer(cfg: DictConfig, stage_dir: Path, chash: str) -> pl.Trainer:
+    return instantiate(
+        cfg.trainer,
+        default_root_dir=str(stage_dir),
+        callbacks=build_callbacks(cfg, stage_dir),
+        logger=build_loggers(cfg, chash) or False,
+        plugins=[AtomicCheckpointIO()],
+    )
+
+
+def resume_checkpoint(stage_dir: Path) -> str | None:
+    """The newest of `checkpoints/last.ckpt` and SLURM's `hpc_ckpt_*.ckpt` (written on preemption)."""
+    candidates = [stage_dir / "checkpoints" / "last.ckpt", *stage_dir.glob("hpc_ckpt_*.ckpt")]
+    existing = [p for p in candidates if p.exists()]
+    return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
+
+
+def supersede_stale(stage_dir: Path, chash: str) -> None:
+    """Mark the stage as started with `chash`; checkpoints of another config are moved aside, not resumed.
+
+    Called on every rank; only rank 0 (by environment) moves files, before the trainer exists.
+    """
+    marker = stage_dir / "STARTED"
+    if env_rank() != 0:
+        return
+    previous = json.loads(marker.read_text()).get("config_hash") if marker.exists() else None
+    if previous and previous != chash:
+        ckpts = stage_dir / "checkpoints"
+        if ckpts.exists():
+            target = stage_dir / f"checkpoints.superseded-{previous[:12]}"
+            shutil.rmtree(target, ignore_errors=True)
+            ckpts.rename(target)
+            print(f"[train] {stage_dir.name}: config changed ({previous[:12]} -> {chash[:12]}); "
+                  f"old checkpoints moved to {target}")  # fmt: skip
+        for p in [stage_dir / "DONE", *stage_dir.glob("hpc_ckpt_*.ckpt")]:
+            p.unlink(missing_ok=True)
+    if previous != chash:
+        atomic_write_json(marker, {"config_hash": chash})

@@ -1,0 +1,58 @@
+"""`python -m pipeline.prepare data=fashion_mnist`: sources -> WebDataset shards + manifest.json."""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.shards import prepare_dataset
+
+log = logging.getLogger(__name__)
+
+
+def prepare(cfg: DictConfig) -> dict:
+    data = cfg.data
+    config = OmegaConf.to_container(
+        OmegaConf.create(
+            {
+                "source": data.source,
+                "val_size": data.val_size,
+                "test_size": data.test_size,
+                "limit": cfg.limit,
+                "seed": data.seed,
+                "shard_size": data.shard_size,
+                "caption_templates": data.caption_templates,
+            }
+        ),
+        resolve=True,
+    )
+    manifest = prepare_dataset(
+        instantiate(data.source),
+        data.dir,
+        name=data.name,
+        config=config,
+        val_size=data.val_size,
+        test_size=data.test_size,
+        limit=cfg.limit,
+        seed=data.seed,
+        shard_size=data.shard_size,
+        caption_templates=list(data.caption_templates),
+        force=cfg.force,
+        progress=cfg.progress,
+    )
+    counts = {k: v["num_samples"] for k, v in manifest["splits"].items()}
+    log.info("dataset %s at %s: %s", data.name, data.dir, counts)
+    print(f"[prepare] {data.name}: {counts} -> {data.dir}")
+    return manifest
+
+
+@hydra.main(config_path="../conf", config_name="prepare", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    prepare(cfg)
+
+
+if __name__ == "__main__":
+    main()

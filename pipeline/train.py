@@ -1,0 +1,56 @@
+"""`python -m pipeline.train stage=<name> [experiment=...] [trainer=...] [debug=...]`: one stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from pipeline.builders import build_trainer, resume_checkpoint, stage_hash, supersede_stale
+from pipeline.common import atomic_write_json, read_done, save_config, write_done
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train one stage into `cfg.stage.dir`, resuming if it was interrupted, skipping if it is done."""
+    stage_dir = Path(cfg.stage.dir)
+    chash = stage_hash(cfg)
+    done = read_done(stage_dir)
+    if done and done.get("config_hash") == chash and not cfg.force:
+        print(f"[train] {cfg.stage.dir_name}: done with this config ({chash[:12]}), skipping: {stage_dir}")
+        return done
+    supersede_stale(stage_dir, chash)
+    pl.seed_everything(cfg.stage.seed, workers=True)
+    datamodule = instantiate(cfg.data.datamodule)
+    module = instantiate(cfg.stage.module)
+    trainer = build_trainer(cfg, stage_dir, chash)
+    if trainer.is_global_zero:
+        save_config(cfg, stage_dir / "config.yaml")
+    ckpt = resume_checkpoint(stage_dir)
+    if ckpt:
+        print(f"[train] {cfg.stage.dir_name}: resuming from {ckpt}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    if cfg.stage.test:
+        trainer.test(module, datamodule=datamodule)
+    trainer.save_checkpoint(stage_dir / "checkpoints" / "final.ckpt")
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if trainer.is_global_zero:
+        atomic_write_json(stage_dir / "metrics.json", metrics)
+        write_done(stage_dir, chash, stage=cfg.stage.name, global_step=trainer.global_step, metrics=metrics)
+        print(f"[train] {cfg.stage.dir_name}: done -> {stage_dir}\n{json.dumps(metrics, indent=1)}")
+    return {"config_hash": chash, "metrics": metrics}
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

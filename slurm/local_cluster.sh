@@ -1,0 +1,282 @@
+#!/usr/bin/env bash
+# A real one-node Slurm cluster on localhost (Debian's slurmctld, slurmd, munge), for tests.
+#
+#   slurm/local_cluster.sh start    install packages if missing, write configs, start daemons,
+#                                   wait until the node is idle; a no-op when already up
+#   slurm/local_cluster.sh stop     cancel all jobs, stop the daemons, leave no processes
+#   slurm/local_cluster.sh status   print sinfo/squeue; exit 0 only when the cluster is up
+#
+# Everything (configs, munge key and socket, state, spool, logs, pid files) lives in one state
+# directory, ${LOCAL_SLURM_DIR:-/tmp/guided-ldm-slurm}. Clients find the config through SLURM_CONF
+# (printed by `start`); /etc/slurm/slurm.conf is also pointed at it when that file is absent, so plain
+# `sbatch` works in any shell. A private munged on its own socket never clashes with a system one.
+set -euo pipefail
+
+STATE_DIR="${LOCAL_SLURM_DIR:-/tmp/guided-ldm-slurm}"
+CTLD_PORT="${LOCAL_SLURM_CTLD_PORT:-6817}"
+SLURMD_PORT="${LOCAL_SLURM_SLURMD_PORT:-6818}"
+START_TIMEOUT_S="${LOCAL_SLURM_START_TIMEOUT:-60}"
+# Credential lifetime; a requeued job is held this long before it may start again (Slurm's default
+# of 120 s would make requeue tests crawl).
+CRED_EXPIRE_S="${LOCAL_SLURM_CRED_EXPIRE:-10}"
+APT_TIMEOUT_S="${LOCAL_SLURM_APT_TIMEOUT:-900}"
+PACKAGES=(slurmctld slurmd slurm-client munge)
+SYSTEM_CONF=/etc/slurm/slurm.conf
+
+CONF="$STATE_DIR/etc/slurm.conf"
+MUNGE_DIR="$STATE_DIR/munge"
+RUN_DIR="$STATE_DIR/run"
+LOG_DIR="$STATE_DIR/log"
+export SLURM_CONF="$CONF"
+export PATH="/usr/sbin:/sbin:$PATH"
+
+log() { echo "local_cluster: $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+require_root() {
+    [[ "$(id -u)" == 0 ]] || die "must run as root (slurmd and munged need it); try: sudo $0 $*"
+}
+
+pid_of() {  # pid from a pid file, empty when the file is missing or the process is gone
+    local file="$1" pid
+    [[ -s "$file" ]] || return 0
+    pid="$(tr -dc '0-9' <"$file")"
+    if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then echo "$pid"; fi
+}
+
+daemon_pids() {
+    pid_of "$RUN_DIR/slurmctld.pid"
+    pid_of "$RUN_DIR/slurmd.pid"
+    pid_of "$RUN_DIR/munged.pid"
+}
+
+packages_installed() {
+    command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
+        && command -v sbatch >/dev/null && command -v munged >/dev/null
+}
+
+apt_install() {
+    DEBIAN_FRONTEND=noninteractive timeout "$APT_TIMEOUT_S" apt-get install -y -q \
+        --no-install-recommends -o DPkg::Lock::Timeout=120 "${PACKAGES[@]}"
+}
+
+install_packages() {
+    packages_installed && return 0
+    require_root install
+    command -v apt-get >/dev/null || die "slurm is not installed and apt-get is missing; install ${PACKAGES[*]}"
+    log "installing ${PACKAGES[*]} with apt-get"
+    # The package lists may be stale or empty on a fresh machine: update only when needed.
+    if ! apt_install >"$STATE_DIR/apt.log" 2>&1; then
+        timeout "$APT_TIMEOUT_S" apt-get update -q >>"$STATE_DIR/apt.log" 2>&1 || true
+        apt_install >>"$STATE_DIR/apt.log" 2>&1 \
+            || { tail -n 20 "$STATE_DIR/apt.log" >&2; die "apt-get install ${PACKAGES[*]} failed (log: $STATE_DIR/apt.log)"; }
+    fi
+    packages_installed || die "packages installed but slurmctld/slurmd/sbatch/munged still not on PATH"
+}
+
+write_munge_key() {
+    local key="$MUNGE_DIR/munge.key"
+    [[ -s "$key" ]] && return 0
+    dd if=/dev/urandom of="$key" bs=1024 count=1 status=none
+    chmod 0400 "$key"
+}
+
+write_slurm_conf() {
+    local host cpus
+    host="$(hostname -s)"
+    cpus="$(nproc)"
+    # MinJobAge keeps finished jobs visible to `scontrol show job` for an hour: there is no slurmdbd
+    # here, so that is how pipeline.slurm.wait_for learns the final state.
+    # SlurmdParameters=config_overrides keeps the node from draining if CPUs differs from hardware.
+    cat >"$CONF" <<EOF
+# Written by slurm/local_cluster.sh; regenerated on every start.
+ClusterName=gldm-local
+SlurmctldHost=$host(127.0.0.1)
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$MUNGE_DIR/munge.socket,cred_expire=$CRED_EXPIRE_S
+MailProg=/bin/true
+StateSaveLocation=$STATE_DIR/state
+SlurmdSpoolDir=$STATE_DIR/spool
+SlurmctldPidFile=$RUN_DIR/slurmctld.pid
+SlurmdPidFile=$RUN_DIR/slurmd.pid
+SlurmctldLogFile=$LOG_DIR/slurmctld.log
+SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SchedulerType=sched/backfill
+SchedulerParameters=batch_sched_delay=0,sched_interval=1,bf_interval=1
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+DependencyParameters=kill_invalid_depend
+SlurmdParameters=config_overrides
+ReturnToService=2
+JobRequeue=1
+KillWait=5
+MinJobAge=3600
+InactiveLimit=0
+Waittime=0
+SlurmdTimeout=60
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+EOF
+}
+
+link_system_conf() {
+    # Only take /etc/slurm/slurm.conf when nobody else owns it (absent, or a link we made earlier).
+    if [[ -L "$SYSTEM_CONF" || ! -e "$SYSTEM_CONF" ]]; then
+        mkdir -p "$(dirname "$SYSTEM_CONF")"
+        ln -sfn "$CONF" "$SYSTEM_CONF"
+    else
+        log "$SYSTEM_CONF exists and is not ours: clients need SLURM_CONF=$CONF"
+    fi
+}
+
+unlink_system_conf() {
+    if [[ -L "$SYSTEM_CONF" && "$(readlink "$SYSTEM_CONF")" == "$CONF" ]]; then rm -f "$SYSTEM_CONF"; fi
+}
+
+node_idle() {
+    [[ "$(timeout 10 sinfo -h -N -o '%t' 2>/dev/null | head -n 1)" == idle ]]
+}
+
+is_up() {
+    [[ -n "$(pid_of "$RUN_DIR/munged.pid")" && -n "$(pid_of "$RUN_DIR/slurmctld.pid")" \
+        && -n "$(pid_of "$RUN_DIR/slurmd.pid")" ]] && timeout 10 scontrol ping >/dev/null 2>&1
+}
+
+fail_start() {
+    log "$1; log tails follow"
+    local f
+    for f in "$LOG_DIR"/munged.log "$LOG_DIR"/slurmctld.log "$LOG_DIR"/slurmd.log; do
+        [[ -f "$f" ]] && { echo "==> $f <==" >&2; tail -n 25 "$f" >&2; }
+    done
+    stop_daemons
+    exit 1
+}
+
+start_daemons() {
+    munged --force --socket="$MUNGE_DIR/munge.socket" --key-file="$MUNGE_DIR/munge.key" \
+        --pid-file="$RUN_DIR/munged.pid" --log-file="$LOG_DIR/munged.log" \
+        --seed-file="$MUNGE_DIR/munged.seed" \
+        || fail_start "munged failed to start"
+    # -c: cold start, so jobs of an earlier session never come back.
+    slurmctld -c || fail_start "slurmctld failed to start"
+    slurmd || fail_start "slurmd failed to start"
+}
+
+wait_idle() {
+    local deadline=$((SECONDS + START_TIMEOUT_S))
+    until node_idle; do
+        ((SECONDS < deadline)) || fail_start "node not idle after ${START_TIMEOUT_S}s"
+        sleep 0.5
+    done
+}
+
+print_env() {
+    echo "export SLURM_CONF=$CONF"
+}
+
+cmd_start() {
+    require_root start
+    if is_up && node_idle; then
+        log "already running ($STATE_DIR)"
+        print_env
+        return 0
+    fi
+    mkdir -p "$STATE_DIR"
+    chmod 0755 "$STATE_DIR"
+    install_packages
+    stop_daemons  # whatever is left of a half-started or crashed cluster
+    mkdir -p "$STATE_DIR/etc" "$STATE_DIR/state" "$STATE_DIR/spool" "$RUN_DIR" "$LOG_DIR" "$MUNGE_DIR"
+    chmod 0755 "$MUNGE_DIR"  # clients of any user must reach the socket; the key itself is 0400
+    write_munge_key
+    write_slurm_conf
+    link_system_conf
+    start_daemons
+    wait_idle
+    log "up: node $(hostname -s), $(nproc) CPUs, partition debug ($STATE_DIR)"
+    print_env
+}
+
+cancel_all_jobs() {
+    [[ -n "$(pid_of "$RUN_DIR/slurmctld.pid")" ]] || return 0
+    local jobs deadline=$((SECONDS + 30))
+    jobs="$(timeout 10 squeue -h -o '%A' 2>/dev/null || true)"
+    [[ -z "$jobs" ]] && return 0
+    # shellcheck disable=SC2086  # one id per word
+    timeout 10 scancel $jobs 2>/dev/null || true
+    # Wait for the steps to die so no slurmstepd outlives slurmd.
+    while [[ -n "$(timeout 10 squeue -h -o '%A' 2>/dev/null || true)" ]]; do
+        ((SECONDS < deadline)) || { log "jobs still alive after 30s"; return 0; }
+        sleep 0.5
+    done
+}
+
+kill_and_wait() {  # SIGTERM the pids, SIGKILL what is left after 10 s
+    local pids=("$@") deadline=$((SECONDS + 10)) pid alive
+    ((${#pids[@]})) || return 0
+    kill "${pids[@]}" 2>/dev/null || true
+    while :; do
+        alive=()
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
+        ((${#alive[@]})) || return 0
+        if ((SECONDS >= deadline)); then
+            log "SIGKILL ${alive[*]}"
+            kill -9 "${alive[@]}" 2>/dev/null || true
+            return 0
+        fi
+        sleep 0.2
+    done
+}
+
+stop_daemons() {
+    local slurm_pids=() pid
+    for pid in "$(pid_of "$RUN_DIR/slurmctld.pid")" "$(pid_of "$RUN_DIR/slurmd.pid")"; do
+        [[ -n "$pid" ]] && slurm_pids+=("$pid")
+    done
+    kill_and_wait "${slurm_pids[@]}"
+    pid="$(pid_of "$RUN_DIR/munged.pid")"
+    [[ -n "$pid" ]] && kill_and_wait "$pid"
+    rm -f "$RUN_DIR"/*.pid
+}
+
+cmd_stop() {
+    require_root stop
+    if [[ -z "$(daemon_pids)" ]]; then
+        log "not running"
+        unlink_system_conf
+        return 0
+    fi
+    cancel_all_jobs
+    stop_daemons
+    unlink_system_conf
+    log "stopped"
+}
+
+cmd_status() {
+    if ! is_up; then
+        log "down ($STATE_DIR)"
+        return 1
+    fi
+    sinfo
+    squeue
+    print_env
+}
+
+case "${1:-}" in
+    start) cmd_start ;;
+    stop) cmd_stop ;;
+    status) cmd_status ;;
+    *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac
