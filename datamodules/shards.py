@@ -93,7 +93,7 @@ def write_split(
         final = out_dir / name
         tmp = out_dir / f".{name}.tmp"
         chunk = indices[start : start + per_shard]
-        with wds.TarWriter(str(tmp)) as sink:
+        with wds.TarWriter(str(tmp), mtime=0.0) as sink:  # fixed mtime: byte-identical re-runs
             for idx in chunk:
                 image, label, meta = source.item(int(idx))
                 key = f"{split}_{int(idx):07d}"

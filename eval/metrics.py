@@ -132,7 +132,7 @@ def inception_score(
 
 
 def _as_torch64(x: ArrayLike, device: torch.device) -> torch.Tensor:
-    t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
     return t.to(device=device, dtype=torch.float64)
 
 

@@ -270,8 +270,9 @@ def write_report(
     lines += _markdown_table([best]) if best is not None else ["No row has a finite FID."]
     lines += ["", "## Results", ""] + (_markdown_table(rows) if rows else ["No results."])
     if plots:
-        lines += ["", "## Plots", ""]
-        lines += [f"![{name}]({_link(path, base)})" for name, path in plots.items()]
+        lines += ["", "## Plots"]
+        for name, path in plots.items():
+            lines += ["", f"![{name}]({_link(path, base)})"]
     if grids:
         lines += ["", "## Samples"]
         for caption, path in grids.items():

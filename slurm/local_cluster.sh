@@ -133,8 +133,8 @@ EOF
 }
 
 link_system_conf() {
-    # Only take /etc/slurm/slurm.conf when nobody else owns it (absent, or a link we made earlier).
-    if [[ -L "$SYSTEM_CONF" || ! -e "$SYSTEM_CONF" ]]; then
+    # Only take /etc/slurm/slurm.conf when nobody else uses it (absent or a dangling link, or ours).
+    if [[ ! -e "$SYSTEM_CONF" || "$(readlink "$SYSTEM_CONF")" == "$CONF" ]]; then
         mkdir -p "$(dirname "$SYSTEM_CONF")"
         ln -sfn "$CONF" "$SYSTEM_CONF"
     else

@@ -45,7 +45,7 @@ def make_timesteps(num_train_timesteps: int, num_steps: int, spacing: str) -> Te
     if spacing == "leading":
         steps = np.arange(num_steps)[::-1] * (num_train_timesteps // num_steps)
     elif spacing == "trailing":
-        steps = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps))
+        steps = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)) - 1
     else:
         steps = np.linspace(0, num_train_timesteps - 1, num_steps).round()[::-1]
     return torch.from_numpy(steps.astype(np.int64).copy())
@@ -217,7 +217,7 @@ class DDIMSampler(_RespacedSampler):
         abar_t = _abar(schedule, t)
         abar_prev = _abar(schedule, self.prev_timestep(schedule, t))
         if grad is not None:
-            t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+            t_batch = torch.full((x_t.shape[0],), self.prev_timestep(schedule, t), dtype=torch.long, device=x_t.device)
             eps = condition_score(schedule, eps, x_t, t_batch, grad)
         # 1. x0_hat, and eps recomputed from it if x0_hat was clipped.
         x0, eps = self._x0_and_eps(x_t, eps, abar_t)

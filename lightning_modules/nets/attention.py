@@ -56,7 +56,10 @@ class CrossAttention(nn.Module):
             (B, N, query_dim).
         """
         context = x if context is None else context
-        q, k, v = (self._split_heads(proj(inp)) for proj, inp in ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
+        q, k, v = (
+            self._split_heads(proj(inp))
+            for proj, inp in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
+        )
         attn_mask = None
         if mask is not None:
             has_key = mask.any(dim=-1, keepdim=True)

@@ -139,7 +139,9 @@ class Downsample(nn.Module):
         if not use_conv and out_channels != channels:
             raise ValueError("Downsample without conv cannot change the channel count")
         self.op = (
-            nn.Conv2d(channels, out_channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2, stride=2)
+            nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
+            if use_conv
+            else nn.AvgPool2d(2, stride=2)
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -193,7 +195,9 @@ class ResBlock(TimestepBlock):
             raise ValueError("ResBlock cannot both upsample and downsample")
         self.use_scale_shift_norm = use_scale_shift_norm
         self.use_checkpoint = use_checkpoint
-        self.in_layers = nn.Sequential(norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        )
         if up:
             self.resample: nn.Module = Upsample(in_channels, use_conv=False)
         elif down:

@@ -32,7 +32,9 @@ class AttentionPool2d(nn.Module):
     def __init__(self, spacial_dim: int, embed_dim: int, num_heads_channels: int, output_dim: int) -> None:
         super().__init__()
         if embed_dim % num_heads_channels:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads_channels {num_heads_channels}")
+            raise ValueError(
+                f"embed_dim {embed_dim} is not divisible by num_heads_channels {num_heads_channels}"
+            )
         self.positional_embedding = nn.Parameter(torch.randn(embed_dim, spacial_dim**2 + 1) / embed_dim**0.5)
         self.qkv_proj = nn.Conv1d(embed_dim, 3 * embed_dim, 1)
         self.c_proj = nn.Conv1d(embed_dim, output_dim, 1)
@@ -113,7 +115,9 @@ class NoisyLatentClassifier(RebuildableModule):
         )
         factor = self.encoder.downsample_factor
         if latent_size % factor:
-            raise ValueError(f"latent_size {latent_size} is not divisible by the downsampling factor {factor}")
+            raise ValueError(
+                f"latent_size {latent_size} is not divisible by the downsampling factor {factor}"
+            )
         ch = self.encoder.out_channels
         self.out = nn.Sequential(
             norm(ch), nn.SiLU(), AttentionPool2d(latent_size // factor, ch, num_head_channels, num_classes)

@@ -83,9 +83,11 @@ class ClassConditioner(Conditioner):
         self.embedding = nn.Embedding(num_classes + 1, embed_dim * num_tokens)
 
     def forward(self, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """labels (B,) long in [0, num_classes] -> context (B, num_tokens, D), mask (B, num_tokens) all True."""
+        """labels (B,) long in [0, num_classes] -> context (B, num_tokens, D), mask (B, num_tokens)."""
         if labels.ndim != 1 or labels.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"expected labels as a (B,) integer tensor, got {labels.dtype} {tuple(labels.shape)}")
+            raise ValueError(
+                f"expected labels as a (B,) integer tensor, got {labels.dtype} {tuple(labels.shape)}"
+            )
         bad = labels[(labels < 0) | (labels > self.null_index)]
         if bad.numel():
             raise ValueError(
@@ -98,7 +100,9 @@ class ClassConditioner(Conditioner):
 
     def null_condition(self, batch_size: int) -> Tensor:
         """(batch_size,) long tensor filled with ``null_index``."""
-        return torch.full((batch_size,), self.null_index, dtype=torch.long, device=self.embedding.weight.device)
+        return torch.full(
+            (batch_size,), self.null_index, dtype=torch.long, device=self.embedding.weight.device
+        )
 
     def condition_from_batch(self, batch: dict[str, Any]) -> Tensor:
         """``batch["label"]`` (B,) long."""
@@ -156,7 +160,9 @@ class TextConditioner(Conditioner):
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModel.from_pretrained(path, local_files_only=True)
         except OSError as err:
-            raise FileNotFoundError(f"cannot load a text encoder from {path!r} (offline, local files only): {err}") from err
+            raise FileNotFoundError(
+                f"cannot load a text encoder from {path!r} (offline, local files only): {err}"
+            ) from err
         self.encoder = _text_tower(model)
         self.context_dim = int(self.encoder.config.hidden_size)
         self.max_length = max_length
@@ -173,9 +179,13 @@ class TextConditioner(Conditioner):
         return self
 
     def forward(self, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """captions (B strings) -> last_hidden_state (B, max_length, D), attention mask (B, max_length) bool."""
+        """captions (B strings) -> last_hidden_state (B, max_length, D), mask (B, max_length) bool."""
         tokens = self.tokenizer(
-            list(captions), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+            list(captions),
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
         )
         device = next(self.encoder.parameters()).device
         input_ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)

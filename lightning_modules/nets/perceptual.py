@@ -134,7 +134,8 @@ class LPIPSVGG(_Frozen):
         vgg_path, lpips_path = paths.values()
         self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
-        features = make_layers(vgg_cfgs["D"], batch_norm=False)
+        with torch.device("meta"):  # skip a random init that loading overwrites anyway
+            features = make_layers(vgg_cfgs["D"], batch_norm=False)
         self._load(features, vgg_path, prefix="features.")
         self.slices = nn.ModuleList(nn.Sequential(*features[a:b]) for a, b in VGG_SLICES)
         self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in VGG_CHANNELS)
@@ -145,7 +146,7 @@ class LPIPSVGG(_Frozen):
     def _load(module: nn.Module, path: Path, prefix: str) -> None:
         state = _strip_prefix(torch.load(path, map_location="cpu", weights_only=True), prefix)
         try:
-            module.load_state_dict(state)
+            module.load_state_dict(state, assign=True)
         except RuntimeError as err:
             raise RuntimeError(f"{path} is not a torchvision vgg16 state dict: {err}") from err
 

@@ -52,7 +52,9 @@ class BlockSpec:
 
     def attention(self, channels: int) -> SpatialTransformer:
         if channels % self.num_head_channels:
-            raise ValueError(f"channels {channels} are not divisible by num_head_channels {self.num_head_channels}")
+            raise ValueError(
+                f"channels {channels} are not divisible by num_head_channels {self.num_head_channels}"
+            )
         return SpatialTransformer(
             channels,
             num_heads=channels // self.num_head_channels,
@@ -231,7 +233,9 @@ class UNet(RebuildableModule):
             zero_module(nn.Conv2d(model_channels * self.encoder.channel_mult[0], out_channels, 3, padding=1)),
         )
 
-    def _build_decoder(self, model_channels: int, num_res_blocks: int, resblock_updown: bool) -> nn.ModuleList:
+    def _build_decoder(
+        self, model_channels: int, num_res_blocks: int, resblock_updown: bool
+    ) -> nn.ModuleList:
         """Mirror of the encoder: each level takes one more skip than the encoder level produced."""
         spec, skip_channels = self.encoder.spec, list(self.encoder.skip_channels)
         ch, ds = self.encoder.out_channels, self.encoder.downsample_factor
@@ -273,7 +277,9 @@ class UNet(RebuildableModule):
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
         return self.out(h)
 
-    def _check_inputs(self, x: Tensor, t: Tensor, context: Tensor | None, context_mask: Tensor | None) -> Tensor:
+    def _check_inputs(
+        self, x: Tensor, t: Tensor, context: Tensor | None, context_mask: Tensor | None
+    ) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         factor = self.encoder.downsample_factor
@@ -296,10 +302,16 @@ class UNet(RebuildableModule):
                 raise ValueError("this UNet was built with context_dim=None but received context")
             return
         if context is None:
-            raise ValueError(f"this UNet was built with context_dim={self.context_dim}; pass context (B, L, D)")
+            raise ValueError(
+                f"this UNet was built with context_dim={self.context_dim}; pass context (B, L, D)"
+            )
         if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != self.context_dim:
-            raise ValueError(f"expected context of shape ({batch}, L, {self.context_dim}), got {tuple(context.shape)}")
-        if context_mask is not None and (context_mask.shape != context.shape[:2] or context_mask.dtype != torch.bool):
+            raise ValueError(
+                f"expected context of shape ({batch}, L, {self.context_dim}), got {tuple(context.shape)}"
+            )
+        if context_mask is not None and (
+            context_mask.shape != context.shape[:2] or context_mask.dtype != torch.bool
+        ):
             raise ValueError(
                 f"expected a bool context_mask of shape {tuple(context.shape[:2])}, "
                 f"got {context_mask.dtype} {tuple(context_mask.shape)}"

@@ -90,12 +90,12 @@ def test_sample_count_check():
 
 def _brute_force_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
     def radii(x):
-        return [sorted(np.linalg.norm(x[j] - x[i]) for j in range(len(x)) if j != i)[k - 1] for i in range(len(x))]
+        return [
+            sorted(np.linalg.norm(x[j] - x[i]) for j in range(len(x)) if j != i)[k - 1] for i in range(len(x))
+        ]
 
     def fraction_inside(queries, refs, ref_radii):
-        inside = [
-            any(np.linalg.norm(q - refs[j]) <= ref_radii[j] for j in range(len(refs))) for q in queries
-        ]
+        inside = [any(np.linalg.norm(q - refs[j]) <= ref_radii[j] for j in range(len(refs))) for q in queries]
         return sum(inside) / len(queries)
 
     return fraction_inside(fake, real, radii(real)), fraction_inside(real, fake, radii(fake))
@@ -164,7 +164,9 @@ def test_kid_same_vs_shifted_distribution():
     rng = np.random.default_rng(8)
     real = rng.normal(size=(600, 8))
     same_mean, same_std = metrics.kid(real, rng.normal(size=(600, 8)), num_subsets=20, subset_size=200)
-    shifted_mean, shifted_std = metrics.kid(real, rng.normal(size=(600, 8)) + 1.0, num_subsets=20, subset_size=200)
+    shifted_mean, shifted_std = metrics.kid(
+        real, rng.normal(size=(600, 8)) + 1.0, num_subsets=20, subset_size=200
+    )
     assert abs(same_mean) < 3 * same_std + 1e-3
     assert shifted_mean > 0.1 and shifted_mean > 10 * shifted_std
 

@@ -84,7 +84,9 @@ def test_make_grid_png_layout(tmp_path):
     assert grid[:2].max() == 0 and grid[:, 2 + 2 * 8 + 6 :].max() == 0  # padding stays black
 
     rgb = rng.integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)
-    labelled = report.make_grid_png(rgb, nrow=2, path=tmp_path / "labelled.png", labels=["coat", 3, "bag", "x"])
+    labelled = report.make_grid_png(
+        rgb, nrow=2, path=tmp_path / "labelled.png", labels=["coat", 3, "bag", "x"]
+    )
     with Image.open(labelled) as im:
         assert im.mode == "RGB" and im.size == (2 * 18 + 2, 2 * (16 + 12 + 2) + 2)
         np.testing.assert_array_equal(np.asarray(im)[2:18, 2:18], rgb[0])

@@ -113,8 +113,13 @@ def test_ada_group_norm_by_hand() -> None:
 
 @pytest.mark.parametrize(
     ("in_ch", "out_ch", "scale_shift", "up", "down"),
-    [(16, 16, True, False, False), (16, 32, True, False, False), (16, 24, False, False, False),
-     (16, 16, True, True, False), (32, 16, True, False, True)],
+    [
+        (16, 16, True, False, False),
+        (16, 32, True, False, False),
+        (16, 24, False, False, False),
+        (16, 16, True, True, False),
+        (32, 16, True, False, True),
+    ],
 )
 def test_resblock_matches_diffusers(in_ch: int, out_ch: int, scale_shift: bool, up: bool, down: bool) -> None:
     from diffusers.models.resnet import ResnetBlock2D
@@ -123,12 +128,24 @@ def test_resblock_matches_diffusers(in_ch: int, out_ch: int, scale_shift: bool, 
     ours = ResBlock(in_ch, out_ch, emb_dim=20, use_scale_shift_norm=scale_shift, up=up, down=down)
     _perturb_zero_init(ours)
     ref = ResnetBlock2D(
-        in_channels=in_ch, out_channels=out_ch, temb_channels=20, groups=norm(in_ch).num_groups,
-        groups_out=norm(out_ch).num_groups, eps=1e-5, up=up, down=down,
+        in_channels=in_ch,
+        out_channels=out_ch,
+        temb_channels=20,
+        groups=norm(in_ch).num_groups,
+        groups_out=norm(out_ch).num_groups,
+        eps=1e-5,
+        up=up,
+        down=down,
         time_embedding_norm="scale_shift" if scale_shift else "default",
     )
-    renames = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-               "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+    renames = {
+        "in_layers.0": "norm1",
+        "in_layers.2": "conv1",
+        "emb_layers.1": "time_emb_proj",
+        "out_layers.0": "norm2",
+        "out_layers.3": "conv2",
+        "skip_connection": "conv_shortcut",
+    }
     state = {}
     for key, value in ours.state_dict().items():
         module, param = key.rsplit(".", 1)
@@ -185,20 +202,28 @@ def test_spatial_transformer_matches_diffusers(context_dim: int | None) -> None:
     from diffusers import Transformer2DModel
 
     torch.manual_seed(0)
-    ours = _perturb_zero_init(SpatialTransformer(32, num_heads=2, head_dim=8, context_dim=context_dim, depth=2))
+    ours = _perturb_zero_init(
+        SpatialTransformer(32, num_heads=2, head_dim=8, context_dim=context_dim, depth=2)
+    )
     ref = Transformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=32, num_layers=2,
-        norm_num_groups=norm(32).num_groups, cross_attention_dim=context_dim,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=32,
+        num_layers=2,
+        norm_num_groups=norm(32).num_groups,
+        cross_attention_dim=context_dim,
         double_self_attention=context_dim is None,
     )
     ref.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(2, 32, 4, 4)
     if context_dim is None:
-        torch.testing.assert_close(ours(x), ref(x).sample, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours(x), ref(x, return_dict=False)[0], atol=1e-5, rtol=1e-5)
         return
     context = torch.randn(2, 5, context_dim)
     mask = torch.tensor([[True, True, True, False, False], [True, False, True, False, True]])
-    expected = ref(x, encoder_hidden_states=context, encoder_attention_mask=mask.float()).sample
+    expected = ref(x, encoder_hidden_states=context, encoder_attention_mask=mask.float(), return_dict=False)[
+        0
+    ]
     torch.testing.assert_close(ours(x, context, mask), expected, atol=1e-5, rtol=1e-5)
 
 

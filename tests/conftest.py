@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny real Fashion-MNIST shard set and a runner for the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+sys.path.insert(0, str(REPO))
+
+
+def require_fashion_mnist() -> None:
+    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST IDX files missing: apt-get install -y dataset-fashion-mnist (make test does it)")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """Shards of 256 train / 64 val / 256 test Fashion-MNIST images; returns the data_dir (parent)."""
+    require_fashion_mnist()
+    from datamodules.shards import prepare_dataset
+    from datamodules.sources import FashionMNIST
+
+    root = tmp_path_factory.mktemp("data")
+    prepare_dataset(FashionMNIST(str(FMNIST)), root / "fashion_mnist", name="fashion_mnist",
+                    config={"tiny": True}, val_size=64, limit=256, shard_size=64, min_eval_shards=4,
+                    progress=False)  # fmt: skip
+    return root
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1",
+                "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_DISABLE_GIT": "true"})  # fmt: skip
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def run_cli(module: str, *overrides: str, timeout: int = 600, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run `python -m <module> <overrides>` the way a user does; on failure show the output tail."""
+    proc = subprocess.run([sys.executable, "-m", module, *overrides], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout, **kw)  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {' '.join(overrides)} exited {proc.returncode}:\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")  # fmt: skip
+    return proc
+
+
+def tiny_overrides(data_root: Path, runs: Path, *extra: str) -> list[str]:
+    return [f"paths.data_dir={data_root}", f"paths.runs_dir={runs}", "logger=csv", *extra]

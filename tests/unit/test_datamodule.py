@@ -1,0 +1,118 @@
+"""The streaming DataModule: exactly-once eval splits over ranks x workers, equal train batches, bad shards."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from datamodules.shards import load_manifest
+from datamodules.webdata import ShardReadError, WebDataModule
+
+
+def make_dm(data_dir, **kw) -> WebDataModule:
+    args = dict(image_size=32, channels=1, batch_size=16, eval_batch_size=16, num_workers=2, shuffle_buffer=50)
+    return WebDataModule(str(data_dir), **{**args, **kw})
+
+
+def as_rank(monkeypatch, rank: int, world: int) -> None:
+    # webdataset's split_by_node reads RANK/WORLD_SIZE (or torch.distributed), as it does under DDP.
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+
+
+def test_batches_are_dicts_in_range(tiny_data):
+    dm = make_dm(tiny_data / "fashion_mnist", num_workers=0)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (16, 1, 32, 32) and batch["image"].dtype == torch.float32
+    assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+    assert batch["image"][:, :, :2].eq(-1).all()  # 28 -> 32 padding is black
+    assert batch["label"].dtype == torch.long and len(batch["caption"]) == 16
+    assert all(isinstance(c, str) and c for c in batch["caption"])
+
+
+def test_val_every_sample_exactly_once_over_two_ranks_two_workers(tiny_data, monkeypatch):
+    expected = load_manifest(tiny_data / "fashion_mnist")["splits"]["val"]["num_samples"]
+    keys = []
+    for rank in range(2):
+        as_rank(monkeypatch, rank, 2)
+        dm = make_dm(tiny_data / "fashion_mnist", num_workers=2)
+        keys += [k for b in dm.val_dataloader() for k in b["key"]]
+    assert len(keys) == expected and len(set(keys)) == expected
+    # deterministic order
+    as_rank(monkeypatch, 0, 2)
+    a = [k for b in make_dm(tiny_data / "fashion_mnist").val_dataloader() for k in b["key"]]
+    b = [k for b in make_dm(tiny_data / "fashion_mnist").val_dataloader() for k in b["key"]]
+    assert a == b
+
+
+def test_train_equal_batch_counts_over_ranks(tiny_data, monkeypatch):
+    counts = []
+    for rank in range(2):
+        as_rank(monkeypatch, rank, 2)
+        dm = make_dm(tiny_data / "fashion_mnist", num_workers=2, train_batches_per_epoch=7)
+        counts.append(sum(1 for _ in dm.train_dataloader()))
+    assert counts == [7, 7]
+
+
+def test_corrupt_sample_is_skipped_and_counted(tiny_data, tmp_path):
+    import tarfile
+
+    src = tiny_data / "fashion_mnist"
+    dst = tmp_path / "fm"
+    shutil.copytree(src, dst)
+    shard = dst / load_manifest(dst)["splits"]["val"]["shards"][0]["name"]
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:  # rewrite with the first PNG's bytes garbled (a valid tar)
+        done = False
+        for m, data in members:
+            if m.name.endswith(".png") and not done:
+                data, done = b"not a png" * 10, True
+                m.size = len(data)
+            import io
+
+            tar.addfile(m, io.BytesIO(data))
+    n = load_manifest(dst)["splits"]["val"]["num_samples"]
+    dm = make_dm(dst, num_workers=0)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        seen = sum(len(b["key"]) for b in dm.val_dataloader())
+    assert seen == n - 1
+    assert dm.skipped.value == 1
+    assert any("skipping corrupt sample" in str(x.message) for x in w)
+
+
+def test_truncated_shard_is_an_error_naming_it(tiny_data, tmp_path):
+    dst = tmp_path / "fm"
+    shutil.copytree(tiny_data / "fashion_mnist", dst)
+    shard = dst / load_manifest(dst)["splits"]["val"]["shards"][1]["name"]
+    shard.write_bytes(shard.read_bytes()[:1500])
+    with pytest.raises(ShardReadError, match=shard.name):
+        for _ in make_dm(dst, num_workers=0).val_dataloader():
+            pass
+
+
+def test_missing_shard_and_manifest_errors(tiny_data, tmp_path):
+    dst = tmp_path / "fm"
+    shutil.copytree(tiny_data / "fashion_mnist", dst)
+    shard = dst / load_manifest(dst)["splits"]["train"]["shards"][0]["name"]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=shard.name):
+        make_dm(dst).train_dataloader()
+    with pytest.raises(FileNotFoundError, match="python -m pipeline.prepare"):
+        make_dm(tmp_path / "empty")
+
+
+def test_url_override_brace_pattern_and_pipe(tiny_data):
+    d = tiny_data / "fashion_mnist"
+    n_val = len(load_manifest(d)["splits"]["val"]["shards"])
+    brace = f"{d}/val-{{00000..{n_val - 1:05d}}}.tar"
+    dm = make_dm(d, num_workers=0, urls={"val": brace})
+    n_brace = sum(len(b["key"]) for b in dm.val_dataloader())
+    pipe = f"pipe:cat {d}/val-{{00000..{n_val - 1:05d}}}.tar"
+    dm = make_dm(d, num_workers=0, urls={"val": pipe})
+    n_pipe = sum(len(b["key"]) for b in dm.val_dataloader())
+    assert n_brace == n_pipe == load_manifest(d)["splits"]["val"]["num_samples"]

@@ -1,0 +1,205 @@
+"""Feature extractors: checkpoint round trip, clear errors, the Inception adapter, cached reference stats."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from eval import features
+from eval.features import DomainFeatures, FeatureExtractor, InceptionFeatures
+from lightning_modules.nets.feature_net import FeatureNet
+
+
+@pytest.fixture
+def feature_net() -> FeatureNet:
+    torch.manual_seed(0)
+    return FeatureNet(in_channels=1, num_classes=10, widths=(8, 16), dropout=0.5).eval()
+
+
+def _save_checkpoint(net: FeatureNet, path: Path, **extra) -> Path:
+    torch.save(
+        {"feature_net_hparams": net.hparams(), "feature_net_state_dict": net.state_dict(), **extra}, path
+    )
+    return path
+
+
+def _images(n: int = 6, size: int = 12, channels: int = 1, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, channels), dtype=np.uint8)
+
+
+def test_domain_features_round_trip(feature_net, tmp_path):
+    # A Lightning-style checkpoint also carries objects the safe unpickler refuses.
+    ckpt = _save_checkpoint(
+        feature_net, tmp_path / "final.ckpt", hyper_parameters=argparse.Namespace(lr=1e-3)
+    )
+    extractor = DomainFeatures(str(ckpt))
+    assert (extractor.feature_dim, extractor.num_classes) == (16, 10)
+
+    images = _images()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.no_grad():
+        expected = feature_net(x)
+        got_uint8, got_float = extractor(images), extractor(x)
+    for got in (got_uint8, got_float):
+        assert set(got) == {"pooled", "logits"}
+        torch.testing.assert_close(got["pooled"], expected["pooled"], rtol=0, atol=0)
+        torch.testing.assert_close(got["logits"], expected["logits"], rtol=0, atol=0)
+
+    extractor.train()  # e.g. a parent module switched to training: dropout must stay off
+    torch.testing.assert_close(extractor(images)["logits"], expected["logits"], rtol=0, atol=0)
+    assert not any(p.requires_grad for p in extractor.parameters())
+
+
+def test_domain_features_errors_name_the_file(feature_net, tmp_path):
+    missing = tmp_path / "nope.ckpt"
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        DomainFeatures(str(missing))
+    bad = tmp_path / "autoencoder.ckpt"
+    torch.save({"state_dict": feature_net.state_dict()}, bad)
+    with pytest.raises(KeyError, match="autoencoder.ckpt") as err:
+        DomainFeatures(str(bad))
+    assert "feature_net_hparams" in str(err.value)
+
+
+def test_fingerprint_tracks_weights(feature_net, tmp_path):
+    ckpt = _save_checkpoint(feature_net, tmp_path / "a.ckpt")
+    first, second = DomainFeatures(ckpt), DomainFeatures(ckpt)
+    assert first.fingerprint() == second.fingerprint()
+    assert len(first.fingerprint()) == 64 and int(first.fingerprint(), 16) >= 0
+    with torch.no_grad():
+        second.net.head.bias[0] += 1e-6
+    assert first.fingerprint() != second.fingerprint()
+
+
+def test_inception_without_weights_names_expected_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    expected = tmp_path / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
+    assert features.default_inception_weights_path() == expected
+    with pytest.raises(FileNotFoundError) as err:
+        InceptionFeatures()
+    assert str(expected) in str(err.value) and "model.features.weights_path" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="elsewhere.pth"):
+        InceptionFeatures(tmp_path / "elsewhere.pth")
+
+
+def test_inception_without_package_names_file_and_key(tmp_path, monkeypatch):
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"not used")
+    monkeypatch.setattr(features, "_inception_backend", lambda: None)
+    with pytest.raises(ImportError, match="torch-fidelity") as err:
+        InceptionFeatures(weights)
+    assert str(weights) in str(err.value) and "model.features.weights_path" in str(err.value)
+
+
+class _FakeInceptionBackend(nn.Module):
+    """Stands in for torch-fidelity's FeatureExtractorInceptionV3: records what it is fed."""
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str) -> None:
+        super().__init__()
+        self.init_args = (name, list(features_list), feature_extractor_weights_path)
+        self.seen: list[torch.Tensor] = []
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.seen.append(x)
+        flat = x.float().mean(dim=(1, 2, 3))[:, None] * self.scale
+        return flat.expand(-1, 2048), flat.expand(-1, 1008)
+
+
+def test_inception_adapter_feeds_uint8_rgb(tmp_path, monkeypatch):
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"fake")
+    monkeypatch.setattr(features, "_inception_backend", lambda: _FakeInceptionBackend)
+    extractor = InceptionFeatures(str(weights))
+    assert extractor.net.init_args == ("inception-v3-compat", ["2048", "logits_unbiased"], str(weights))
+
+    images = _images(n=3, size=10)
+    out = extractor(images)
+    assert out["pooled"].shape == (3, 2048) and out["logits"].shape == (3, 1008)
+    fed = extractor.net.seen[-1]
+    assert fed.dtype == torch.uint8 and fed.shape == (3, 3, 10, 10)
+    expected = torch.from_numpy(images[..., 0])[:, None].expand(-1, 3, -1, -1)
+    torch.testing.assert_close(fed, expected, rtol=0, atol=0)
+    # Float input in [-1, 1] is quantised exactly as samples are saved to uint8.
+    extractor(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0)
+    torch.testing.assert_close(extractor.net.seen[-1], expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(
+    not features.default_inception_weights_path().is_file() or features._inception_backend() is None,
+    reason="no Inception weights ship here (and torch-fidelity is not installed); nothing is downloaded",
+)
+def test_inception_real_weights():
+    extractor = InceptionFeatures()
+    out = extractor(_images(n=2, size=32, channels=3))
+    assert out["pooled"].shape == (2, 2048) and out["logits"].shape == (2, 1008)
+    assert torch.isfinite(out["pooled"]).all()
+
+
+class _CountingExtractor(FeatureExtractor):
+    name = "counting"
+    feature_dim = 4
+    num_classes = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.proj = nn.Linear(2, 7)
+        self.calls = 0
+        self._freeze()
+
+    def forward(self, images):
+        self.calls += 1
+        x = features.to_float_nchw(images)
+        stats = torch.stack([x.mean(dim=(1, 2, 3)), x.std(dim=(1, 2, 3))], dim=1)
+        h = self.proj(stats)
+        return {"pooled": h[:, :4], "logits": h[:, 4:]}
+
+
+def test_extract_features_batches(tmp_path):
+    extractor = _CountingExtractor()
+    images = _images(n=7)
+    batched = features.extract_features(extractor, images, batch_size=3)
+    assert extractor.calls == 3
+    whole = {k: v.detach().numpy() for k, v in extractor(images).items()}
+    assert batched["pooled"].shape == (7, 4) and batched["logits"].shape == (7, 3)
+    for key in ("pooled", "logits"):
+        np.testing.assert_allclose(batched[key], whole[key], rtol=1e-6, atol=1e-6)
+    from_iterable = features.extract_features(extractor, iter([images[:5], images[5:]]))
+    np.testing.assert_array_equal(from_iterable["pooled"], batched["pooled"])
+
+
+def test_reference_statistics_cached_and_reused(tmp_path):
+    extractor = _CountingExtractor()
+    images = _images(n=9)
+    manifest_hash = "0123456789abcdef" * 4
+    stats = features.reference_statistics(extractor, images, tmp_path / "cache", manifest_hash, batch_size=4)
+    assert extractor.calls == 3
+    expected_file = tmp_path / "cache" / f"ref_0123456789ab_{extractor.fingerprint()[:12]}.npz"
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [expected_file.name]
+
+    pooled = features.extract_features(extractor, images)["pooled"].astype(np.float64)
+    np.testing.assert_allclose(stats["mu"], pooled.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(stats["sigma"], np.cov(pooled, rowvar=False), rtol=1e-5, atol=1e-8)
+    assert stats["n"] == 9 and stats["pooled"].shape == (9, 4)
+    calls = extractor.calls
+
+    def must_not_be_read():
+        raise AssertionError("images consumed although the cache is warm")
+        yield  # pragma: no cover
+
+    again = features.reference_statistics(extractor, must_not_be_read(), tmp_path / "cache", manifest_hash)
+    assert extractor.calls == calls
+    assert again["n"] == 9 and isinstance(again["n"], int)
+    for key in ("mu", "sigma", "pooled"):
+        np.testing.assert_array_equal(again[key], stats[key])
+
+    features.reference_statistics(extractor, images, tmp_path / "cache", "f" * 64)
+    assert extractor.calls > calls  # a new manifest is a new cache entry
+    assert len(list((tmp_path / "cache").iterdir())) == 2

@@ -1,0 +1,119 @@
+"""Shard writing: manifest, bit-exact round trip from the IDX source, idempotency, checksums."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datamodules.shards import ShardChecksumError, load_manifest, prepare_dataset, verify_shards
+from datamodules.sources import FashionMNIST, ImageFolder, read_idx
+from tests.conftest import FMNIST, require_fashion_mnist
+
+
+def read_tar(path):
+    samples = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return samples
+
+
+def test_manifest_counts_and_round_trip(tiny_data):
+    d = tiny_data / "fashion_mnist"
+    manifest = load_manifest(d)
+    assert {k: v["num_samples"] for k, v in manifest["splits"].items()} == {"train": 256, "val": 64, "test": 256}
+    assert manifest["image_shape"] == [28, 28, 1] and manifest["num_classes"] == 10
+    assert manifest["class_names"][7] == "sneaker"
+    for split, entry in manifest["splits"].items():
+        assert sum(s["num_samples"] for s in entry["shards"]) == entry["num_samples"]
+    assert len(manifest["splits"]["val"]["shards"]) >= 4  # eval splits spread over ranks x workers
+
+    images = {"train": read_idx(FMNIST / "train-images-idx3-ubyte.gz"), "test": read_idx(FMNIST / "t10k-images-idx3-ubyte.gz")}
+    labels = {"train": read_idx(FMNIST / "train-labels-idx1-ubyte.gz"), "test": read_idx(FMNIST / "t10k-labels-idx1-ubyte.gz")}
+    seen = 0
+    for split, entry in manifest["splits"].items():
+        for shard in entry["shards"]:
+            for key, s in read_tar(d / shard["name"]).items():
+                meta = json.loads(s["json"])
+                src = "test" if split == "test" else "train"
+                img = np.asarray(Image.open(io.BytesIO(s["png"])))
+                np.testing.assert_array_equal(img, images[src][meta["index"]])
+                assert int(s["cls"]) == labels[src][meta["index"]] == meta["label"]
+                assert manifest["class_names"][meta["label"]] in s["txt"].decode()
+                seen += 1
+    assert seen == 576
+
+
+def test_val_is_a_disjoint_seeded_holdout(tiny_data):
+    manifest = load_manifest(tiny_data / "fashion_mnist")
+    idx = {}
+    for split in ("train", "val"):
+        idx[split] = set()
+        for shard in manifest["splits"][split]["shards"]:
+            idx[split] |= {json.loads(s["json"])["index"] for s in read_tar(tiny_data / "fashion_mnist" / shard["name"]).values()}
+    assert not idx["train"] & idx["val"]
+
+
+def test_rerun_skips_and_force_rewrites(tmp_path):
+    require_fashion_mnist()
+    kw = dict(name="fm", config={"a": 1}, val_size=20, limit=40, shard_size=20, progress=False)
+    m1 = prepare_dataset(FashionMNIST(str(FMNIST)), tmp_path, **kw)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tar")}
+    m2 = prepare_dataset(FashionMNIST(str(FMNIST)), tmp_path, **kw)
+    assert m1 == m2
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tar")}
+    with pytest.raises(FileExistsError, match="force=true"):
+        prepare_dataset(FashionMNIST(str(FMNIST)), tmp_path, **{**kw, "config": {"a": 2}})
+    m3 = prepare_dataset(FashionMNIST(str(FMNIST)), tmp_path, **{**kw, "force": True})
+    assert m3["splits"] == m1["splits"]  # deterministic: same bytes, same checksums
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_corrupted_shard_detected_by_checksum(tmp_path):
+    require_fashion_mnist()
+    kw = dict(name="fm", config={}, val_size=20, limit=40, shard_size=20, progress=False)
+    manifest = prepare_dataset(FashionMNIST(str(FMNIST)), tmp_path, **kw)
+    victim = tmp_path / manifest["splits"]["train"]["shards"][0]["name"]
+    data = bytearray(victim.read_bytes())
+    data[2000] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ShardChecksumError, match=victim.name):
+        verify_shards(tmp_path, manifest)
+    with pytest.raises(ShardChecksumError, match="force=true"):
+        prepare_dataset(FashionMNIST(str(FMNIST)), tmp_path, **kw)
+
+
+def test_captions_are_reproducible(tmp_path):
+    require_fashion_mnist()
+    kw = dict(name="fm", config={}, val_size=10, limit=10, shard_size=10, progress=False)
+    a = prepare_dataset(FashionMNIST(str(FMNIST)), tmp_path / "a", **kw)
+    b = prepare_dataset(FashionMNIST(str(FMNIST)), tmp_path / "b", **kw)
+    assert [s["sha256"] for s in a["splits"]["train"]["shards"]] == [s["sha256"] for s in b["splits"]["train"]["shards"]]
+
+
+def test_imagefolder_source(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    src = ImageFolder(str(tmp_path / "imgs"), channels=3, image_size=16)
+    m = prepare_dataset(src, tmp_path / "out", name="folder", config={}, val_size=2, test_size=2, shard_size=4, progress=False)
+    assert m["class_names"] == ["cat", "dog"]
+    assert {k: v["num_samples"] for k, v in m["splits"].items()} == {"train": 8, "val": 2, "test": 2}
+    assert m["image_shape"] == [16, 16, 3]
+
+
+def test_missing_source_and_manifest_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        FashionMNIST(str(tmp_path)).load("train")
+    with pytest.raises(FileNotFoundError, match="python -m pipeline.prepare"):
+        load_manifest(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageFolder(str(tmp_path / "nope"))
