@@ -217,7 +217,7 @@ class DDIMSampler(_RespacedSampler):
         abar_t = _abar(schedule, t)
         abar_prev = _abar(schedule, self.prev_timestep(schedule, t))
         if grad is not None:
-            t_batch = torch.full((x_t.shape[0],), self.prev_timestep(schedule, t), dtype=torch.long, device=x_t.device)
+            t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
             eps = condition_score(schedule, eps, x_t, t_batch, grad)
         # 1. x0_hat, and eps recomputed from it if x0_hat was clipped.
         x0, eps = self._x0_and_eps(x_t, eps, abar_t)

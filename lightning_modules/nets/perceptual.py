@@ -157,8 +157,9 @@ class LPIPSVGG(_Frozen):
         missing = [k for k in keys if k not in state]
         if missing:
             raise RuntimeError(f"{path} is not an lpips vgg.pth: missing keys {missing}")
-        for head, key in zip(self.heads, keys, strict=True):
-            head.weight.data.copy_(state[key])
+        with torch.no_grad():
+            for head, key in zip(self.heads, keys, strict=True):
+                head.weight.copy_(state[key])
 
     def _features(self, x: Tensor) -> list[Tensor]:
         if x.shape[1] == 1:

@@ -1,0 +1,77 @@
+"""The training entry point through the real CLI: fast_dev_run, DDP on CPU, kill + resume, W&B offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, cli_env, run_cli, tiny_overrides
+
+STAGE_DIR = "default/fashion_mnist/feature_net_eval"
+
+
+def test_feature_net_fast_dev_run(tiny_data, tmp_path):
+    out = run_cli("pipeline.train", "stage=feature_net", "debug=fdr", *tiny_overrides(tiny_data, tmp_path))
+    stage = tmp_path / STAGE_DIR
+    assert (stage / "checkpoints" / "final.ckpt").exists() and (stage / "DONE").exists()
+    assert (stage / "config.yaml").exists()
+    ckpt = torch.load(stage / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["stage"] == "feature_net" and "feature_net_state_dict" in ckpt
+    # a second run with the same config is skipped
+    again = run_cli("pipeline.train", "stage=feature_net", "debug=fdr", *tiny_overrides(tiny_data, tmp_path))
+    assert "skipping" in again.stdout, out.stdout[-2000:]
+
+
+def test_feature_net_ddp_cpu_two_processes(tiny_data, tmp_path):
+    run_cli("pipeline.train", "stage=feature_net", "trainer=ddp_cpu", "debug=limit",
+            *tiny_overrides(tiny_data, tmp_path), timeout=900)  # fmt: skip
+    done = json.loads((tmp_path / STAGE_DIR / "DONE").read_text())
+    assert done["global_step"] == 6
+    assert "test/acc" in done["metrics"]
+
+
+def test_killed_run_resumes_from_last_ckpt(tiny_data, tmp_path):
+    args = ["stage=feature_net", "debug=limit", "trainer.max_steps=400", "data.train_batches_per_epoch=1000",
+            "stage.checkpoint_every_n_steps=5", *tiny_overrides(tiny_data, tmp_path)]  # fmt: skip
+    last = tmp_path / STAGE_DIR / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert last.exists(), "no checkpoint was written"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step_at_kill = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < step_at_kill < 400
+    assert not (tmp_path / STAGE_DIR / "DONE").exists()
+    out = run_cli("pipeline.train", *args)
+    assert "resuming from" in out.stdout
+    done = json.loads((tmp_path / STAGE_DIR / "DONE").read_text())
+    assert done["global_step"] == 400
+    # the resumed run logged no step before the checkpoint it resumed from
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / STAGE_DIR / "csv" / "metrics.csv")))
+    steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert steps and min(steps) >= step_at_kill - 1
+
+
+def test_wandb_offline_run_holds_metrics(tiny_data, tmp_path):
+    pytest.importorskip("wandb")
+    run_cli("pipeline.train", "stage=feature_net", "debug=limit", f"paths.data_dir={tiny_data}",
+            f"paths.runs_dir={tmp_path}", "logger=wandb")  # fmt: skip
+    runs = list((tmp_path / "default" / "fashion_mnist" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    blob = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
+    for key in (b"train/loss", b"val/acc", b"test/acc", b"feature_net_eval"):
+        assert key in blob, key
+    assert b"WANDB_API_KEY" not in blob
