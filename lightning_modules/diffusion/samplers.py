@@ -99,11 +99,20 @@ class Sampler(Protocol):
     ) -> dict[str, Tensor | float]: ...
 
 
-@dataclass
 class _RespacedSampler:
+    """Timestep bookkeeping shared by the samplers (a mixin: the dataclass fields live in each sampler)."""
+
     num_steps: int
     spacing: str
     clip_x0: float | None
+
+    def __post_init__(self) -> None:
+        if self.spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(
+                f"unknown timestep spacing {self.spacing!r}; expected one of {list(TIMESTEP_SPACINGS)}"
+            )
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
 
     def timesteps(self, schedule: NoiseSchedule) -> Tensor:
         """Training timesteps visited, descending, long (num_steps,)."""
@@ -193,6 +202,7 @@ class DDIMSampler(_RespacedSampler):
     clip_x0: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.eta < 0:
             raise ValueError(f"DDIM eta must be >= 0, got {self.eta}")
 

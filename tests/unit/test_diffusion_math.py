@@ -242,6 +242,15 @@ def test_make_timesteps_rejects_bad_arguments(args: tuple, match: str) -> None:
         make_timesteps(*args)
 
 
+def test_sampler_constructors() -> None:
+    assert DDIMSampler(20, 0.5) == DDIMSampler(num_steps=20, eta=0.5, spacing="leading")
+    assert DDPMSampler(20, "trailing").spacing == "trailing"
+    with pytest.raises(ValueError, match="'uniform'"):
+        DDPMSampler(spacing="uniform")
+    with pytest.raises(ValueError, match="eta"):
+        DDIMSampler(eta=-0.1)
+
+
 # --- single steps against diffusers -------------------------------------------------------------------------
 
 
