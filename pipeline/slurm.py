@@ -69,7 +69,11 @@ def sbatch_command(
     sbatch's array spec (e.g. "0-7%2"); `extra` holds further sbatch options, passed as given.
     Command-line options override the script's `#SBATCH` defaults.
     """
-    for name, value in (("nodes", nodes), ("ntasks_per_node", ntasks_per_node), ("cpus_per_task", cpus_per_task)):
+    for name, value in (
+        ("nodes", nodes),
+        ("ntasks_per_node", ntasks_per_node),
+        ("cpus_per_task", cpus_per_task),
+    ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     argv = [
@@ -180,7 +184,9 @@ def _parse_fields(line: str) -> dict[str, str]:
 
 def _sacct_states(job_id: str) -> list[str]:
     try:
-        stdout = _run(["sacct", "--noheader", "--parsable2", "--allocations", "--jobs", job_id, "--format=State"])
+        stdout = _run(
+            ["sacct", "--noheader", "--parsable2", "--allocations", "--jobs", job_id, "--format=State"]
+        )
     except SlurmError as error:
         raise SlurmError(f"job {job_id} unknown to scontrol, and sacct cannot tell: {error}") from error
     # sacct writes e.g. "CANCELLED by 0": the state is the first word.
@@ -192,11 +198,17 @@ def _sacct_states(job_id: str) -> list[str]:
 
 def _run(argv: Sequence[str]) -> str:
     try:
-        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=_CLIENT_TIMEOUT_S, check=False)
+        result = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=_CLIENT_TIMEOUT_S, check=False
+        )
     except FileNotFoundError as error:
-        raise SlurmError(f"{argv[0]} not found: is Slurm installed (slurm/local_cluster.sh start)?") from error
+        raise SlurmError(
+            f"{argv[0]} not found: is Slurm installed (slurm/local_cluster.sh start)?"
+        ) from error
     except subprocess.TimeoutExpired as error:
         raise SlurmError(f"{' '.join(argv)} timed out after {_CLIENT_TIMEOUT_S:g} s") from error
     if result.returncode != 0:
-        raise SlurmError(f"{' '.join(argv)} failed with exit code {result.returncode}: {result.stderr.strip()}")
+        raise SlurmError(
+            f"{' '.join(argv)} failed with exit code {result.returncode}: {result.stderr.strip()}"
+        )
     return result.stdout

@@ -37,17 +37,12 @@ require_root() {
     [[ "$(id -u)" == 0 ]] || die "must run as root (slurmd and munged need it); try: sudo $0 $*"
 }
 
-pid_of() {  # pid from a pid file, empty when the file is missing or the process is gone
-    local file="$1" pid
-    [[ -s "$file" ]] || return 0
-    pid="$(tr -dc '0-9' <"$file")"
-    if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then echo "$pid"; fi
-}
-
-daemon_pids() {
-    pid_of "$RUN_DIR/slurmctld.pid"
-    pid_of "$RUN_DIR/slurmd.pid"
-    pid_of "$RUN_DIR/munged.pid"
+daemon_pid() {  # pid from the daemon's pid file while that process is still the daemon, else empty
+    local name="$1" pid
+    [[ -s "$RUN_DIR/$name.pid" ]] || return 0
+    pid="$(tr -dc '0-9' <"$RUN_DIR/$name.pid")"
+    # A stale pid file may name a recycled pid: check the process name before trusting (or killing) it.
+    if [[ -n "$pid" && "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$name" ]]; then echo "$pid"; fi
 }
 
 packages_installed() {
@@ -62,7 +57,6 @@ apt_install() {
 
 install_packages() {
     packages_installed && return 0
-    require_root install
     command -v apt-get >/dev/null || die "slurm is not installed and apt-get is missing; install ${PACKAGES[*]}"
     log "installing ${PACKAGES[*]} with apt-get"
     # The package lists may be stale or empty on a fresh machine: update only when needed.
@@ -151,8 +145,8 @@ node_idle() {
 }
 
 is_up() {
-    [[ -n "$(pid_of "$RUN_DIR/munged.pid")" && -n "$(pid_of "$RUN_DIR/slurmctld.pid")" \
-        && -n "$(pid_of "$RUN_DIR/slurmd.pid")" ]] && timeout 10 scontrol ping >/dev/null 2>&1
+    [[ -n "$(daemon_pid munged)" && -n "$(daemon_pid slurmctld)" && -n "$(daemon_pid slurmd)" ]] \
+        && timeout 10 scontrol ping >/dev/null 2>&1
 }
 
 fail_start() {
@@ -189,13 +183,12 @@ print_env() {
 
 cmd_start() {
     require_root start
-    if is_up && node_idle; then
+    if is_up; then
         log "already running ($STATE_DIR)"
         print_env
         return 0
     fi
-    mkdir -p "$STATE_DIR"
-    chmod 0755 "$STATE_DIR"
+    [[ -d "$STATE_DIR" ]] || mkdir -p -m 0755 "$STATE_DIR"
     install_packages
     stop_daemons  # whatever is left of a half-started or crashed cluster
     mkdir -p "$STATE_DIR/etc" "$STATE_DIR/state" "$STATE_DIR/spool" "$RUN_DIR" "$LOG_DIR" "$MUNGE_DIR"
@@ -210,7 +203,7 @@ cmd_start() {
 }
 
 cancel_all_jobs() {
-    [[ -n "$(pid_of "$RUN_DIR/slurmctld.pid")" ]] || return 0
+    [[ -n "$(daemon_pid slurmctld)" ]] || return 0
     local jobs deadline=$((SECONDS + 30))
     jobs="$(timeout 10 squeue -h -o '%A' 2>/dev/null || true)"
     [[ -z "$jobs" ]] && return 0
@@ -242,18 +235,18 @@ kill_and_wait() {  # SIGTERM the pids, SIGKILL what is left after 10 s
 
 stop_daemons() {
     local slurm_pids=() pid
-    for pid in "$(pid_of "$RUN_DIR/slurmctld.pid")" "$(pid_of "$RUN_DIR/slurmd.pid")"; do
+    for pid in "$(daemon_pid slurmctld)" "$(daemon_pid slurmd)"; do
         [[ -n "$pid" ]] && slurm_pids+=("$pid")
     done
     kill_and_wait "${slurm_pids[@]}"
-    pid="$(pid_of "$RUN_DIR/munged.pid")"
+    pid="$(daemon_pid munged)"
     [[ -n "$pid" ]] && kill_and_wait "$pid"
     rm -f "$RUN_DIR"/*.pid
 }
 
 cmd_stop() {
     require_root stop
-    if [[ -z "$(daemon_pids)" ]]; then
+    if [[ -z "$(daemon_pid slurmctld)$(daemon_pid slurmd)$(daemon_pid munged)" ]]; then
         log "not running"
         unlink_system_conf
         return 0

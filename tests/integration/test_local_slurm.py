@@ -42,7 +42,9 @@ def _cluster(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 
 
 def _slurm_installed() -> bool:
-    return all(shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin") for name in ("slurmctld", "sbatch"))
+    return all(
+        shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin") for name in ("slurmctld", "sbatch")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +186,10 @@ def test_cluster_start_status_stop_leaves_nothing(cluster: Path, tmp_path: Path)
         first = _cluster("start", env=env)
         assert first.returncode == 0, first.stderr
         assert f"export SLURM_CONF={state}/etc/slurm.conf" in first.stdout
-        pids = {name: int((state / "run" / f"{name}.pid").read_text()) for name in ("munged", "slurmctld", "slurmd")}
+        pids = {
+            name: int((state / "run" / f"{name}.pid").read_text())
+            for name in ("munged", "slurmctld", "slurmd")
+        }
         again = _cluster("start", env=env)
         assert again.returncode == 0 and "already running" in again.stderr
         assert pids == {name: int((state / "run" / f"{name}.pid").read_text()) for name in pids}
@@ -192,7 +197,9 @@ def test_cluster_start_status_stop_leaves_nothing(cluster: Path, tmp_path: Path)
         assert status.returncode == 0 and "idle" in status.stdout
 
         pid_file = tmp_path / "job.pid"
-        script = _script(tmp_path / "sleep.sh", f"echo $$ > {pid_file}\nsleep 300 & echo $! >> {pid_file}\nwait\n")
+        script = _script(
+            tmp_path / "sleep.sh", f"echo $$ > {pid_file}\nsleep 300 & echo $! >> {pid_file}\nwait\n"
+        )
         subprocess.run(["sbatch", "--output=/dev/null", script], env=env, check=True, capture_output=True)
         _wait_for_file(pid_file)
         time.sleep(0.3)
@@ -208,7 +215,9 @@ def test_cluster_start_status_stop_leaves_nothing(cluster: Path, tmp_path: Path)
 
 @pytest.mark.slurm
 def test_two_tasks_see_their_ranks(cluster: Path, tmp_path: Path) -> None:
-    report = "import json, os; print(json.dumps({k: os.environ[k] for k in ('SLURM_PROCID', 'SLURM_NTASKS')}))"
+    report = (
+        "import json, os; print(json.dumps({k: os.environ[k] for k in ('SLURM_PROCID', 'SLURM_NTASKS')}))"
+    )
     script = _script(tmp_path / "ranks.sh", f'srun {sys.executable} -c "{report}"\n')
     output = tmp_path / "ranks.out"
     job = slurm.submit(_sbatch(script, output, ntasks_per_node=2))
@@ -222,7 +231,9 @@ def test_two_tasks_see_their_ranks(cluster: Path, tmp_path: Path) -> None:
 def test_afterok_chain_runs_in_order(cluster: Path, tmp_path: Path) -> None:
     stamp = "date +%s.%N >> {}\n"
     first_log, second_log = tmp_path / "first.txt", tmp_path / "second.txt"
-    first_script = _script(tmp_path / "first.sh", stamp.format(first_log) + "sleep 2\n" + stamp.format(first_log))
+    first_script = _script(
+        tmp_path / "first.sh", stamp.format(first_log) + "sleep 2\n" + stamp.format(first_log)
+    )
     second_script = _script(tmp_path / "second.sh", stamp.format(second_log))
     first = slurm.submit(_sbatch(first_script, tmp_path / "first.out"))
     second = slurm.submit(_sbatch(second_script, tmp_path / "second.out", dependency=[first]))
@@ -336,7 +347,9 @@ def _template_env(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.slurm
-def test_stage_sbatch_runs_train_under_srun(cluster: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stage_sbatch_runs_train_under_srun(
+    cluster: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root, out = tmp_path / "repo", tmp_path / "records"
     out.mkdir()
     _fake_repo(root, out, "train")
@@ -351,20 +364,27 @@ def test_stage_sbatch_runs_train_under_srun(cluster: Path, tmp_path: Path, monke
     assert [r["rank"] for r in records] == ["0", "1"]
     assert all(r["argv"] == overrides and r["ntasks"] == "2" for r in records)
     assert all(r["venv"] == sys.prefix and r["cwd"] == str(root) for r in records)
-    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(
+        ["scontrol", "show", "job", job], capture_output=True, text=True, check=True
+    ).stdout
     assert "Requeue=1" in shown
     assert "pipeline.train experiment=fashion_mnist_quick" in log.read_text()
 
 
 @pytest.mark.slurm
-def test_eval_array_sbatch_adds_sweep_index(cluster: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_eval_array_sbatch_adds_sweep_index(
+    cluster: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root, out = tmp_path / "repo", tmp_path / "records"
     out.mkdir()
     _fake_repo(root, out, "evaluate")
     for key, value in _template_env(root).items():
         monkeypatch.setenv(key, value)
     argv = _sbatch(
-        str(REPO / "slurm" / "eval_array.sbatch"), tmp_path / "eval-%a.log", array="0-1", args=["guidance=cfg"]
+        str(REPO / "slurm" / "eval_array.sbatch"),
+        tmp_path / "eval-%a.log",
+        array="0-1",
+        args=["guidance=cfg"],
     )
     job = slurm.submit(argv)
     assert slurm.wait_for([job], timeout=JOB_TIMEOUT_S, poll=0.5) == {job: "COMPLETED"}
