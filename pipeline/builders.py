@@ -49,9 +49,11 @@ def stage_hash(cfg: DictConfig) -> str:
     dataset = {k: v for k, v in data.get("data", {}).items() if k not in VOLATILE_DATA_KEYS}
     dataset.pop("datamodule", None)
     upstream = {name: (read_done(path) or {}).get("config_hash") for name, path in upstream_dirs(cfg).items()}
+    manifest = Path(cfg.data.dir) / "manifest.json"
+    content = json.loads(manifest.read_text()).get("content_hash") if manifest.exists() else None
     return config_hash(
         {"stage": data["stage"], "model": data.get("model"), "data": dataset, "trainer": trainer,
-         "seed": data.get("seed"), "upstream": upstream}  # fmt: skip
+         "seed": data.get("seed"), "upstream": upstream, "dataset_content": content}  # fmt: skip
     )
 
 

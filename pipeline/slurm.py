@@ -130,7 +130,8 @@ def wait_for(job_ids: str | Iterable[str], timeout: float, poll: float = 1.0) ->
         SlurmError: a job is unknown to Slurm.
     """
     ids = [job_ids] if isinstance(job_ids, str) else job_ids  # one id, not its characters
-    pending = list(dict.fromkeys(str(job_id) for job_id in ids))
+    order = list(dict.fromkeys(str(job_id) for job_id in ids))
+    pending = order
     final: dict[str, str] = {}
     deadline = time.monotonic() + timeout
     while True:
@@ -138,7 +139,7 @@ def wait_for(job_ids: str | Iterable[str], timeout: float, poll: float = 1.0) ->
         final.update({job_id: state for job_id, state in current.items() if _is_final(state)})
         pending = [job_id for job_id in pending if job_id not in final]
         if not pending:
-            return final
+            return {job_id: final[job_id] for job_id in order}
         if time.monotonic() >= deadline:
             raise TimeoutError(f"Slurm jobs not finished after {timeout:g} s: {current}")
         time.sleep(poll)

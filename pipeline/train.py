@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from pipeline.builders import build_trainer, resume_checkpoint, stage_hash, supersede_stale
+from pipeline.builders import build_trainer, resume_checkpoint, stage_hash, supersede_stale, upstream_dirs
 from pipeline.common import atomic_write_json, read_done, save_config, write_done
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,9 @@ def train(cfg: DictConfig) -> dict:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
         atomic_write_json(stage_dir / "metrics.json", metrics)
-        write_done(stage_dir, chash, stage=cfg.stage.name, global_step=trainer.global_step, metrics=metrics)
+        upstream = {name: (read_done(path) or {}).get("config_hash") for name, path in upstream_dirs(cfg).items()}
+        write_done(stage_dir, chash, stage=cfg.stage.name, global_step=trainer.global_step, metrics=metrics,
+                   upstream=upstream)  # fmt: skip
         print(f"[train] {cfg.stage.dir_name}: done -> {stage_dir}\n{json.dumps(metrics, indent=1)}")
     return {"config_hash": chash, "metrics": metrics}
 

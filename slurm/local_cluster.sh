@@ -82,6 +82,8 @@ write_slurm_conf() {
     # MinJobAge keeps finished jobs visible to `scontrol show job` for an hour: there is no slurmdbd
     # here, so that is how pipeline.slurm.wait_for learns the final state.
     # SlurmdParameters=config_overrides keeps the node from draining if CPUs differs from hardware.
+    # proctrack/pgid (no cgroups needed): linuxproc, which follows parent links, let a batch script's
+    # background child outlive a job that requeued itself from a USR1 trap; killpg catches it.
     cat >"$CONF" <<EOF
 # Written by slurm/local_cluster.sh; regenerated on every start.
 ClusterName=gldm-local
@@ -102,7 +104,7 @@ SlurmctldLogFile=$LOG_DIR/slurmctld.log
 SlurmdLogFile=$LOG_DIR/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-ProctrackType=proctrack/linuxproc
+ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 MpiDefault=none
 JobAcctGatherType=jobacct_gather/none

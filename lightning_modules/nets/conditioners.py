@@ -36,6 +36,10 @@ class Conditioner(nn.Module, ABC):
         """A batch of ``batch_size`` null conditions (the unconditional input)."""
 
     @abstractmethod
+    def hparams(self) -> dict[str, Any]:
+        """Constructor keyword arguments: ``type(self)(**self.hparams())`` rebuilds this conditioner."""
+
+    @abstractmethod
     def condition_from_batch(self, batch: dict[str, Any]) -> Any:
         """Pick this conditioner's condition out of a DataModule batch."""
 
@@ -81,6 +85,9 @@ class ClassConditioner(Conditioner):
         self.num_tokens = num_tokens
         self.context_dim = embed_dim
         self.embedding = nn.Embedding(num_classes + 1, embed_dim * num_tokens)
+
+    def hparams(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "embed_dim": self.context_dim, "num_tokens": self.num_tokens}
 
     def forward(self, labels: Tensor) -> tuple[Tensor, Tensor]:
         """labels (B,) long in [0, num_classes] -> context (B, num_tokens, D), mask (B, num_tokens)."""
@@ -155,7 +162,9 @@ class TextConditioner(Conditioner):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer  # heavy import, only for text conditioning
 
-        path = str(model_path) if model_path is not None else str(default_minilm_path())
+        # Recorded as given (None = the packaged MiniLM), so a checkpoint re-finds it on another machine.
+        self.model_path = None if model_path is None else str(model_path)
+        path = self.model_path if self.model_path is not None else str(default_minilm_path())
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModel.from_pretrained(path, local_files_only=True)
@@ -170,6 +179,9 @@ class TextConditioner(Conditioner):
         if freeze:
             self.encoder.requires_grad_(False)
             self.encoder.eval()
+
+    def hparams(self) -> dict[str, Any]:
+        return {"model_path": self.model_path, "max_length": self.max_length, "freeze": self.freeze}
 
     def train(self, mode: bool = True) -> TextConditioner:
         """Switch mode, except that a frozen encoder stays in eval mode (no dropout)."""

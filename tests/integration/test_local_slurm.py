@@ -102,12 +102,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _alive(pid: int) -> bool:
+def _running(pid: int) -> bool:
+    """True while the process exists and is not a zombie (an orphan's zombie may wait to be reaped)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 # --- pipeline.slurm without a cluster --------------------------------------------------------------
@@ -208,7 +209,7 @@ def test_cluster_start_status_stop_leaves_nothing(cluster: Path, tmp_path: Path)
         stopped = _cluster("stop", env=env)
         assert stopped.returncode == 0, stopped.stderr
         assert _cluster("status", env=env).returncode == 1
-        assert [pid for pid in [*pids.values(), *job_pids] if _alive(pid)] == []
+        assert [pid for pid in [*pids.values(), *job_pids] if _running(pid)] == []
     finally:
         _cluster("stop", env=env)
 
@@ -278,11 +279,12 @@ def _requeue_counts(log: Path) -> list[str]:
 
 @pytest.mark.slurm
 def test_batch_shell_catches_usr1_and_requeues_itself(cluster: Path, tmp_path: Path) -> None:
-    log = tmp_path / "runs.txt"
+    log, child = tmp_path / "runs.txt", tmp_path / "child.pid"
     body = f"""echo "run${{SLURM_RESTART_COUNT:-0}}" >> {log}
 [[ "${{SLURM_RESTART_COUNT:-0}}" -ge 1 ]] && exit 0
 trap 'echo usr1 >> {log}; scontrol requeue "$SLURM_JOB_ID"' USR1
 sleep 120 &
+echo $! > {child}
 wait $!
 """
     script = _script(tmp_path / "requeue.sh", body)
@@ -291,6 +293,8 @@ wait $!
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
     assert slurm.wait_for([job], timeout=JOB_TIMEOUT_S, poll=0.5) == {job: "COMPLETED"}
     assert _requeue_counts(log) == ["run0", "usr1", "run1"]
+    # The first run's background child died with it (proctrack/linuxproc let it live on).
+    assert not _running(int(child.read_text()))
 
 
 @pytest.mark.slurm

@@ -1,0 +1,199 @@
+"""Latent U-Net speed, side by side in one run on one machine:
+
+1. our `UNet` vs diffusers' `UNet2DConditionModel` built to the same widths, depths and attention layout
+   (parameter counts printed, required within 5%): training step time (forward + MSE + backward + AdamW)
+   and DDIM sampling throughput with classifier-free guidance through the same `sample()` loop;
+2. classifier-free guidance as one batched forward of 2B vs two separate forwards of B.
+
+    python bench/unet.py                          # the CPU default (config conf/model/unet/small.yaml)
+    python bench/unet.py --config ldm4 --device cuda --batch 32 --latent 3 64 --context-dim 512
+
+Figures are wall-clock medians; on a shared CPU they move with the machine's load, the ratios less so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lightning_modules.diffusion import CFGDenoiser, DDIMSampler, NoiseSchedule, sample  # noqa: E402
+from lightning_modules.nets.unet import UNet  # noqa: E402
+
+
+def unet_kwargs(config: str) -> dict:
+    """The U-Net options of conf/model/unet/<config>.yaml (without Hydra's keys)."""
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "unet" / f"{config}.yaml"))
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def ours(kw: dict, channels: int, context_dim: int) -> UNet:
+    return UNet(in_channels=channels, out_channels=channels, context_dim=context_dim, **kw)
+
+
+def diffusers_twin(kw: dict, channels: int, context_dim: int, sample_size: int) -> nn.Module:
+    """UNet2DConditionModel with our layout: per level num_res_blocks ResBlocks (+ a cross-attention
+    transformer where ds is in attention_resolutions), scale-shift time conditioning, conv projections,
+    heads of num_head_channels (diffusers' `attention_head_dim` is the head *count*, per block)."""
+    from diffusers import UNet2DConditionModel
+
+    mults, attn = kw["channel_mult"], set(kw["attention_resolutions"])
+    widths = [kw["model_channels"] * m for m in mults]
+    has_attn = [2**i in attn for i in range(len(mults))]
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(widths),
+        layers_per_block=kw["num_res_blocks"],
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        cross_attention_dim=context_dim,
+        attention_head_dim=tuple(w // kw["num_head_channels"] for w in widths),
+        transformer_layers_per_block=kw.get("transformer_depth", 1),
+        resnet_time_scale_shift="scale_shift" if kw.get("use_scale_shift_norm", True) else "default",
+        norm_num_groups=32,
+        use_linear_projection=False,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+    )
+
+
+def as_model(net: nn.Module) -> Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]:
+    """The (x, t, context, mask) -> prediction contract of `sample`/`CFGDenoiser`, for either net."""
+    if isinstance(net, UNet):
+        return net
+
+    def call(x: Tensor, t: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
+        return net(x, t, encoder_hidden_states=context, encoder_attention_mask=mask).sample
+
+    return call
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def train_step_time(net: nn.Module, x: Tensor, ctx: Tensor, device: torch.device, repeats: int) -> float:
+    model, opt = as_model(net), torch.optim.AdamW(net.parameters(), lr=1e-4)
+    t = torch.randint(0, 1000, (x.shape[0],), device=device)
+    noise = torch.randn_like(x)
+
+    def step() -> None:
+        loss = (model(x, t, ctx, None) - noise).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    net.train()
+    return median_time(step, device, repeats)
+
+
+@torch.no_grad()
+def sampling_time(net: nn.Module, shape: tuple, ctx: Tensor, null: Tensor, steps: int, device: torch.device,
+                  repeats: int) -> float:  # fmt: skip
+    net.eval()
+    denoiser = CFGDenoiser(as_model(net), ctx, None, null, None, scale=3.0)
+    schedule, sampler = NoiseSchedule("scaled_linear", 1000), DDIMSampler(num_steps=steps)
+    return median_time(lambda: sample(denoiser, shape, schedule, sampler, device=device), device, repeats, 1)
+
+
+@torch.no_grad()
+def cfg_forward_times(net: UNet, x: Tensor, ctx: Tensor, null: Tensor, device: torch.device,
+                      repeats: int) -> tuple[float, float]:  # fmt: skip
+    """One CFG evaluation: a batched forward of 2B (CFGDenoiser) vs two forwards of B."""
+    net.eval()
+    t = torch.full((x.shape[0],), 500, device=device)
+    batched = CFGDenoiser(net, ctx, None, null, None, scale=3.0)
+
+    def separate() -> Tensor:
+        eps_c = net(x, t, ctx, None)
+        eps_u = net(x, t, null.expand_as(ctx), None)
+        return eps_u + 3.0 * (eps_c - eps_u)
+
+    return median_time(lambda: batched(x, t), device, repeats), median_time(separate, device, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="small", help="conf/model/unet/<config>.yaml")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--latent", type=int, nargs=2, default=[4, 8], metavar=("C", "HW"))
+    parser.add_argument("--context-dim", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=1, help="context tokens L")
+    parser.add_argument("--sample-batch", type=int, default=64)
+    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    kw, (c, hw) = unet_kwargs(args.config), args.latent
+    nets = {"ours": ours(kw, c, args.context_dim), "diffusers": diffusers_twin(kw, c, args.context_dim, hw)}
+    counts = {name: sum(p.numel() for p in net.parameters()) for name, net in nets.items()}
+    gap = counts["ours"] / counts["diffusers"] - 1
+    print(f"# U-Net bench: config={args.config} latent={c}x{hw}x{hw} context={args.tokens}x{args.context_dim} "
+          f"batch={args.batch} device={device} threads={torch.get_num_threads()} "
+          f"({platform.processor() or platform.machine()}, torch {torch.__version__})")  # fmt: skip
+    print(f"parameters: ours {counts['ours']:,}  diffusers {counts['diffusers']:,}  (ours/diffusers - 1 = {gap:+.2%})")
+    if abs(gap) > 0.05:
+        raise SystemExit("parameter counts differ by more than 5%: the comparison would not be like for like")
+
+    x = torch.randn(args.batch, c, hw, hw, device=device)
+    ctx = torch.randn(args.batch, args.tokens, args.context_dim, device=device)
+    sb = args.sample_batch
+    sctx, null = ctx[:sb], torch.zeros(1, args.tokens, args.context_dim, device=device)
+    rows = []
+    for name, net in nets.items():
+        net.to(device)
+        step = train_step_time(net, x, ctx, device, args.repeats)
+        samp = sampling_time(net, (sb, c, hw, hw), sctx, null, args.sample_steps, device, max(1, args.repeats // 2))
+        rows.append((name, step, args.batch / step, sb / samp))
+        net.cpu()
+    (_, s_ours, ips_ours, sps_ours), (_, s_diff, ips_diff, sps_diff) = rows
+    print(f"\n| U-Net | train step (s) | train img/s | DDIM-{args.sample_steps} CFG samples/s |")
+    print("|---|---|---|---|")
+    for name, step, ips, sps in rows:
+        print(f"| {name} | {step:.4f} | {ips:.1f} | {sps:.2f} |")
+    print(f"| ours / diffusers | {s_ours / s_diff:.2f}x time | {ips_ours / ips_diff:.2f}x | {sps_ours / sps_diff:.2f}x |")
+
+    net = nets["ours"].to(device)
+    batched, separate = cfg_forward_times(net, x, ctx, null, device, args.repeats)
+    print(f"\n| CFG evaluation, B={args.batch} | time (s) |")
+    print("|---|---|")
+    print(f"| one batched forward of 2B | {batched:.4f} |")
+    print(f"| two forwards of B | {separate:.4f} |")
+    print(f"| batched / separate | {batched / separate:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

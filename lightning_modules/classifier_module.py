@@ -1,0 +1,359 @@
+"""Stage `classifier`: a time-conditioned classifier p(y | z_t, t) of noisy latents, for classifier guidance.
+
+Training follows guided-diffusion's `scripts/classifier_train.py` (Dhariwal & Nichol 2021, Sec. 4): clean
+latents z_0 = E(x) * scale from the frozen autoencoder are noised with q(z_t | z_0) of the diffusion
+stage's own schedule at t ~ U{0, ..., T-1}, the loss is cross-entropy, the optimiser AdamW with the
+learning rate annealed linearly to 0 over training. Validation and test report accuracy per timestep
+bucket: it is high at small t and falls towards chance (1/K) as z_t approaches pure noise.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from pytorch_lightning.loggers import WandbLogger
+from torch import Tensor
+
+from eval.io import atomic_write_bytes
+from lightning_modules.artifacts import StageMismatchError, load_autoencoder, load_stage_checkpoint
+from lightning_modules.base import StageModule, build_optimizer
+from lightning_modules.diffusion import NoiseSchedule, q_sample
+from lightning_modules.ema import EMA
+from lightning_modules.nets.classifier import NoisyLatentClassifier
+
+# Constructor arguments of the classifier that the upstream latents decide, not the model config.
+UPSTREAM_NET_ARGS = ("in_channels", "latent_size", "num_classes")
+
+
+def diffuse(
+    schedule: NoiseSchedule, z0: Tensor, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Noise clean latents at uniformly drawn timesteps: t ~ U{0, ..., T-1}, eps ~ N(0, I),
+    z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4).
+
+    z0: (B, C, h, w). generator: optional RNG on z0's device (seeded validation). Returns z_t (B, C, h, w),
+    t long (B,), eps (B, C, h, w).
+    """
+    t = torch.randint(0, schedule.num_timesteps, (z0.shape[0],), device=z0.device, generator=generator)
+    noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype, generator=generator)
+    return q_sample(schedule, z0, t, noise), t, noise
+
+
+def check_labels(labels: Tensor, num_classes: int) -> None:
+    """Raise ValueError naming the first label of the data outside [0, num_classes)."""
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.numel():
+        raise ValueError(
+            f"label {int(bad[0])} in the data is out of range for a classifier of {num_classes} classes "
+            f"(valid: 0..{num_classes - 1}); does data.num_classes match the dataset?"
+        )
+
+
+def linear_anneal(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr_n = lr_0 (1 - n / total_steps), clamped at 0 (guided-diffusion classifier_train.py `set_annealed_lr`)."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total_steps))
+
+
+def timestep_bucket(t: Tensor, num_timesteps: int, num_buckets: int) -> Tensor:
+    """Bucket i holds the timesteps i T / n <= t < (i + 1) T / n. t: long (B,) -> long (B,) in [0, n)."""
+    return torch.div(t * num_buckets, num_timesteps, rounding_mode="floor")
+
+
+def bucket_centres(num_timesteps: int, num_buckets: int) -> list[float]:
+    """Mean timestep of each bucket of `timestep_bucket` (its first and last integer t averaged)."""
+    edges = [math.ceil(i * num_timesteps / num_buckets) for i in range(num_buckets + 1)]
+    return [(edges[i] + edges[i + 1] - 1) / 2 for i in range(num_buckets)]
+
+
+class BucketedAccuracy(torchmetrics.Metric):
+    """Accuracy and mean cross-entropy, overall and per timestep bucket.
+
+    States are per-bucket sums reduced by summation across ranks, so ranks that saw different numbers of
+    batches (or none) still agree after `compute()`.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_timesteps: int, num_buckets: int = 10) -> None:
+        super().__init__()
+        if not 1 <= num_buckets <= num_timesteps:
+            raise ValueError(f"num_buckets must be in [1, {num_timesteps}], got {num_buckets}")
+        self.num_timesteps, self.num_buckets = num_timesteps, num_buckets
+        for name, dtype in (("correct", torch.long), ("count", torch.long), ("loss_sum", torch.float64)):
+            self.add_state(name, torch.zeros(num_buckets, dtype=dtype), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, labels: Tensor, t: Tensor) -> None:
+        """logits (B, K), labels long (B,), t long (B,) training timesteps."""
+        bucket = timestep_bucket(t, self.num_timesteps, self.num_buckets)
+        hits = (logits.argmax(dim=-1) == labels).long()
+        losses = F.cross_entropy(logits.float(), labels, reduction="none").double()
+        self.correct.index_add_(0, bucket, hits)
+        self.count.index_add_(0, bucket, torch.ones_like(hits))
+        self.loss_sum.index_add_(0, bucket, losses)
+
+    def compute(self) -> dict[str, Tensor]:
+        """{"acc", "loss"}: overall (NaN without samples); {"acc_bucket", "loss_bucket", "count_bucket"}: (n,)."""
+        count = self.count.double()
+        return {
+            "acc": self.correct.sum().double() / count.sum(),
+            "loss": self.loss_sum.sum() / count.sum(),
+            "acc_bucket": self.correct.double() / count,
+            "loss_bucket": self.loss_sum / count,
+            "count_bucket": self.count.clone(),
+        }
+
+
+def bucket_log_dict(values: dict[str, Tensor], prefix: str) -> dict[str, float]:
+    """Flatten `BucketedAccuracy.compute()` into `<prefix>/acc`, `<prefix>/acc_bucket{i}`, ...; buckets (and
+    totals) without samples are left out rather than logged as NaN."""
+    out: dict[str, float] = {}
+    if values["count_bucket"].sum() > 0:
+        out[f"{prefix}/acc"] = float(values["acc"])
+        out[f"{prefix}/loss"] = float(values["loss"])
+    for i, n in enumerate(values["count_bucket"].tolist()):
+        if n > 0:
+            out[f"{prefix}/acc_bucket{i}"] = float(values["acc_bucket"][i])
+            out[f"{prefix}/loss_bucket{i}"] = float(values["loss_bucket"][i])
+    return out
+
+
+def plot_accuracy_vs_t(
+    centres: list[float], accuracy: list[float], chance: float, path: str | Path, title: str
+) -> Path:
+    """PNG of accuracy against the bucket centre timestep, with the chance level; written atomically.
+    Buckets with NaN accuracy (no samples) are not drawn."""
+    points = [(c, a) for c, a in zip(centres, accuracy, strict=True) if math.isfinite(a)]
+    fig = Figure(figsize=(5, 3.6))
+    FigureCanvasAgg(fig)  # a bare Agg canvas: no pyplot global state, safe in any process
+    ax = fig.subplots()
+    if points:
+        ax.plot(*zip(*points, strict=True), marker="o", label="accuracy")
+    ax.axhline(chance, color="grey", linestyle="--", label=f"chance (1/{round(1 / chance)})")
+    ax.set(title=title, xlabel="timestep t (bucket centre)", ylabel="accuracy", ylim=(0.0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+class ClassifierModule(StageModule):
+    """Trains a `NoisyLatentClassifier` on latents of the frozen autoencoder under the diffusion stage's
+    noise schedule; its checkpoint carries the (EMA) classifier for classifier guidance.
+
+    The autoencoder is held outside the module tree: it is neither trained, nor wrapped by DDP, nor saved
+    in this stage's checkpoints (its fingerprint is).
+
+    Args:
+        net: `_partial_` factory of the classifier; in_channels, latent_size and num_classes are filled
+            in from the upstream latents (a conflicting value in the factory is refused).
+        optimizer: `_partial_` optimiser factory (AdamW in the stage config).
+        autoencoder_checkpoint: the autoencoder stage's final.ckpt.
+        diffusion_checkpoint: the diffusion stage's final.ckpt (schedule, latent shape, autoencoder
+            fingerprint are read from it; the U-Net is not loaded).
+        num_classes: K, the data's classes; labels outside [0, K) are an error.
+        total_steps: steps of the linear LR anneal to 0.
+        use_ema, ema_decay, ema_power: EMA of the weights with warm-up (`lightning_modules.ema.EMA`);
+            validation, test and the exported classifier use the EMA weights when it is on.
+        sample_posterior: encode with a posterior sample (True, as LDM) or its mode.
+        num_buckets: timestep buckets of the per-t metrics.
+        train_bucket_log_every: log the per-bucket training metrics over windows of this many steps.
+        eval_seed: seeds validation/test t and noise per batch, so epochs are comparable.
+        plot_dir: where accuracy_vs_t.png goes (default: <trainer.default_root_dir>/plots).
+    """
+
+    stage_name = "classifier"
+
+    def __init__(
+        self,
+        net: Callable[..., NoisyLatentClassifier],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        autoencoder_checkpoint: str,
+        diffusion_checkpoint: str,
+        num_classes: int,
+        total_steps: int = 1000,
+        use_ema: bool = True,
+        ema_decay: float = 0.9999,
+        ema_power: float = 2 / 3,
+        sample_posterior: bool = True,
+        num_buckets: int = 10,
+        train_bucket_log_every: int = 50,
+        eval_seed: int = 0,
+        plot_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "optimizer"])
+        autoencoder, self.scale_factor, self.autoencoder_fingerprint = load_autoencoder(autoencoder_checkpoint)
+        self._frozen = {"autoencoder": autoencoder}  # a plain dict: not a submodule, not in state_dict
+        upstream = self._read_diffusion(diffusion_checkpoint, num_classes)
+        self.schedule = NoiseSchedule.from_dict(upstream["schedule"])
+        self.latent_shape = [int(s) for s in upstream["latent_shape"]]
+        self.net = build_net(net, self.latent_shape, num_classes)
+        self.ema = EMA(self.net, decay=ema_decay, power=ema_power) if use_ema else None
+        self.optimizer_factory = optimizer
+        T = self.schedule.num_timesteps
+        self.train_metrics = BucketedAccuracy(T, num_buckets)
+        self.val_metrics = BucketedAccuracy(T, num_buckets)
+        self.test_metrics = BucketedAccuracy(T, num_buckets)
+
+    def _read_diffusion(self, path: str, num_classes: int) -> dict[str, Any]:
+        ckpt = load_stage_checkpoint(path, "diffusion", ("schedule", "latent_shape", "autoencoder_fingerprint"))
+        theirs = ckpt["autoencoder_fingerprint"]
+        if theirs != self.autoencoder_fingerprint:
+            raise StageMismatchError(
+                f"autoencoder {self.hparams.autoencoder_checkpoint} (weights {self.autoencoder_fingerprint[:12]}) "
+                f"is not the one diffusion checkpoint {path} was trained on (weights {theirs[:12]}): "
+                f"retrain the diffusion stage or point stage.module.autoencoder_checkpoint at its autoencoder"
+            )
+        if "num_classes" in ckpt and int(ckpt["num_classes"]) != num_classes:
+            raise StageMismatchError(
+                f"data has {num_classes} classes but diffusion checkpoint {path} was trained on "
+                f"{ckpt['num_classes']}"
+            )
+        return {"schedule": ckpt["schedule"], "latent_shape": ckpt["latent_shape"]}
+
+    # --- what the next stage needs -----------------------------------------------------------------
+    def artifacts(self) -> dict[str, Any]:
+        return {
+            "classifier_hparams": self.net.hparams(),
+            "classifier_state_dict": {k: v.detach().cpu() for k, v in self.eval_net.state_dict().items()},
+            "classifier_is_ema": self.ema is not None,
+            "schedule": self.schedule.to_dict(),
+            "latent_shape": list(self.latent_shape),
+            "autoencoder_fingerprint": self.autoencoder_fingerprint,
+            "autoencoder_checkpoint": str(self.hparams.autoencoder_checkpoint),
+            "diffusion_checkpoint": str(self.hparams.diffusion_checkpoint),
+            "latent_scale_factor": self.scale_factor,
+            "num_classes": int(self.hparams.num_classes),
+        }
+
+    @property
+    def eval_net(self) -> NoisyLatentClassifier:
+        """The weights that are validated, tested and exported: the EMA copy when EMA is on."""
+        return self.ema.shadow if self.ema is not None else self.net
+
+    # --- data -> noisy latents ---------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """images (B, C, H, W) in [-1, 1] -> scaled clean latents z_0 = E(x) * scale, (B, c, h, w)."""
+        autoencoder = self._frozen["autoencoder"]
+        if next(autoencoder.parameters()).device != images.device:
+            autoencoder.to(images.device)
+        posterior = autoencoder.encode(images)
+        z = posterior.sample() if self.hparams.sample_posterior else posterior.mode()
+        return z * self.scale_factor
+
+    def noisy_batch(
+        self, batch: dict[str, Any], generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """A DataModule batch -> (z_t (B, c, h, w), t long (B,), labels long (B,))."""
+        labels = batch["label"]
+        check_labels(labels, self.hparams.num_classes)
+        z_t, t, _ = diffuse(self.schedule, self.encode(batch["image"]), generator)
+        return z_t, t, labels
+
+    def forward(self, z_t: Tensor, t: Tensor) -> Tensor:
+        """z_t (B, c, h, w), t long (B,) -> logits (B, K) of the trained (non-EMA) net."""
+        return self.net(z_t, t)
+
+    # --- training ----------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        z_t, t, labels = self.noisy_batch(batch)
+        logits = self.net(z_t, t)
+        loss = F.cross_entropy(logits, labels)
+        self.train_metrics.update(logits.detach(), labels, t)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", (logits.argmax(-1) == labels).float().mean(), prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.net)
+        # Every rank runs the same number of training steps, so all reach this sync together.
+        if self.global_step % self.hparams.train_bucket_log_every == 0:
+            self._log_train_buckets()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_train_buckets()
+        self.log_data_health()
+
+    def _log_train_buckets(self) -> None:
+        values = bucket_log_dict(self.train_metrics.compute(), "train")
+        self.train_metrics.reset()
+        self.log_dict({k: v for k, v in values.items() if k not in ("train/acc", "train/loss")})
+
+    # --- validation / test -------------------------------------------------------------------------
+    def _eval_step(self, batch: dict, batch_idx: int, metrics: BucketedAccuracy) -> None:
+        device = batch["image"].device
+        seed = self.hparams.eval_seed + 1_000_003 * self.global_rank + batch_idx
+        z_t, t, labels = self.noisy_batch(batch, torch.Generator(device=device).manual_seed(seed))
+        metrics.update(self.eval_net(z_t, t), labels, t)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, self.val_metrics)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, self.test_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_eval(self.val_metrics, "val", "accuracy_vs_t.png")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_eval(self.test_metrics, "test", "test_accuracy_vs_t.png")
+
+    def _finish_eval(self, metrics: BucketedAccuracy, prefix: str, plot_name: str) -> None:
+        # compute() sums the states over ranks once per rank: uneven (or empty) shards cannot hang DDP.
+        values = metrics.compute()
+        metrics.reset()
+        logged = bucket_log_dict(values, prefix)
+        for key in (f"{prefix}/acc", f"{prefix}/loss"):
+            if key in logged:
+                self.log(key, logged.pop(key), prog_bar=prefix == "val")
+        self.log_dict(logged)
+        if self.trainer.is_global_zero:
+            self._plot(values["acc_bucket"].tolist(), prefix, plot_name)
+
+    def _plot(self, accuracy: list[float], prefix: str, plot_name: str) -> None:
+        plot_dir = Path(self.hparams.plot_dir or Path(self.trainer.default_root_dir) / "plots")
+        centres = bucket_centres(self.schedule.num_timesteps, self.hparams.num_buckets)
+        path = plot_accuracy_vs_t(centres, accuracy, 1.0 / self.hparams.num_classes, plot_dir / plot_name,
+                                  f"{prefix} accuracy of p(y | z_t, t), step {self.global_step}")  # fmt: skip
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=f"{prefix}/accuracy_vs_t", images=[str(path)], step=self.global_step)
+
+    def configure_optimizers(self):
+        opt = build_optimizer(self.optimizer_factory, self.net.parameters())
+        sched = linear_anneal(opt, self.hparams.total_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def build_net(
+    factory: Callable[..., NoisyLatentClassifier], latent_shape: list[int], num_classes: int
+) -> NoisyLatentClassifier:
+    """Call the classifier factory with the upstream latent shape (C, h, w) and K, refusing a factory
+    that already fixes one of them to another value (it would silently be overridden otherwise)."""
+    channels, height, width = latent_shape
+    if height != width:
+        raise ValueError(f"the classifier needs square latents, got latent shape {latent_shape}")
+    upstream = {"in_channels": channels, "latent_size": height, "num_classes": num_classes}
+    fixed = getattr(factory, "keywords", {}) or {}
+    conflicts = {k: (fixed[k], v) for k, v in upstream.items() if k in fixed and fixed[k] != v}
+    if conflicts:
+        details = ", ".join(f"{k}={mine} (config) vs {theirs} (upstream)" for k, (mine, theirs) in conflicts.items())
+        raise StageMismatchError(
+            f"classifier config does not match the upstream latents {latent_shape} / {num_classes} classes: "
+            f"{details}; leave these keys out of model.classifier"
+        )
+    return factory(**upstream)

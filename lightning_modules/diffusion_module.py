@@ -1,0 +1,398 @@
+"""Stage `diffusion`: a latent U-Net trained for classifier-free guidance (Ho & Salimans 2022, Algorithm 1).
+
+Latents come from the frozen autoencoder of stage `autoencoder` (re-loaded from its `final.ckpt`, never part
+of this module's state), either encoded on the fly or read as cached posterior moments. Conditions are
+dropped to the conditioner's null condition with probability `p_uncond`, so one network learns p(z | y) and
+p(z). An EMA of the U-Net (and of a trainable conditioner) is what validation, sample grids and `artifacts()`
+use.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchmetrics
+from torch import Tensor, nn
+
+from lightning_modules.artifacts import conditioner_spec, load_autoencoder
+from lightning_modules.base import StageModule, build_optimizer, warmup_cosine
+from lightning_modules.diffusion import (
+    PREDICTION_TYPES,
+    CFGDenoiser,
+    NoiseSchedule,
+    Sampler,
+    min_snr_weight,
+    q_sample,
+    sample,
+    seeded_noise,
+    training_target,
+)
+from lightning_modules.ema import EMA
+from lightning_modules.nets.autoencoder import AutoencoderKL, DiagonalGaussian
+from lightning_modules.nets.conditioners import Conditioner
+from lightning_modules.nets.unet import UNet
+
+DenoiserNet = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+def diffusion_loss(
+    model: DenoiserNet,
+    schedule: NoiseSchedule,
+    prediction_type: str,
+    z0: Tensor,
+    t: Tensor,
+    noise: Tensor,
+    context: Tensor,
+    mask: Tensor | None,
+    min_snr_gamma: float | None = None,
+) -> Tensor:
+    """Per-sample denoising loss w(t) * mean_pixels (f(z_t, t, c) - target)^2, shape (B,).
+
+    z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) noise (Ho et al. 2020, eq. 4); target is noise, v or z0 for
+    prediction_type "eps" (Ho et al. eq. 14, L_simple), "v" (Salimans & Ho 2022) or "x0"; w(t) = 1, or the
+    min-SNR-gamma weight (Hang et al. 2023, Sec. 3.4). z0, noise: (B, C, h, w); t: long (B,);
+    context: (B, L, D); mask: (B, L) bool or None. The squared error is taken in float32.
+    """
+    z_t = q_sample(schedule, z0, t, noise)
+    pred = model(z_t, t, context, mask)
+    target = training_target(schedule, prediction_type, z0, noise, t)
+    loss = (pred.float() - target.float()).square().flatten(1).mean(dim=1)
+    if min_snr_gamma is not None:
+        loss = loss * min_snr_weight(schedule, t, min_snr_gamma, prediction_type)
+    return loss
+
+
+def timestep_buckets(t: Tensor, num_timesteps: int, num_buckets: int) -> Tensor:
+    """Bucket index floor(t * K / T) in [0, K) of each timestep, long (B,)."""
+    return t * num_buckets // num_timesteps
+
+
+def bucket_centres(num_timesteps: int, num_buckets: int) -> list[int]:
+    """The middle timestep of each of the K equal buckets of [0, T): floor((2k + 1) T / 2K)."""
+    return [(2 * k + 1) * num_timesteps // (2 * num_buckets) for k in range(num_buckets)]
+
+
+def key_seeds(keys: Sequence[str]) -> list[int]:
+    """A noise seed per sample from its shard key (crc32): independent of rank, batch and loader order."""
+    return [zlib.crc32(str(k).encode()) for k in keys]
+
+
+def guided_denoiser(unet: DenoiserNet, conditioner: Conditioner, condition: Any, scale: float) -> CFGDenoiser:
+    """Classifier-free guidance over `condition` (B items); the unconditional half uses the conditioner's
+    null condition, the very input label dropout trains it on."""
+    context, mask = conditioner(condition)
+    null_context, null_mask = conditioner(conditioner.null_condition(1))
+    return CFGDenoiser(unet, context, mask, null_context, null_mask, scale)
+
+
+def grid_conditions(
+    num_classes: int, max_rows: int, per_row: int, class_names: Sequence[str] | None, template: str | None
+) -> tuple[dict[str, Any], list[str]]:
+    """A batch-like dict (`label` (R * per_row,), `caption`) for a sample grid of R = min(K, max_rows)
+    evenly spaced classes, one class per row, and the R row titles."""
+    rows = torch.linspace(0, num_classes - 1, min(num_classes, max_rows)).round().long().unique()
+    names = [class_names[k] if class_names else f"class {k}" for k in rows.tolist()]
+    captions = [template.format(n) if template else n for n in names]
+    batch = {
+        "label": rows.repeat_interleave(per_row),
+        "caption": [c for c in captions for _ in range(per_row)],
+    }
+    return batch, captions
+
+
+def to_uint8_images(x: Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> uint8 (B, H, W, C)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class DiffusionModule(StageModule):
+    """Latent diffusion with label dropout, EMA, per-timestep-bucket losses and guided sample grids.
+
+    Args:
+        unet: U-Net constructor (a Hydra `_partial_`); called with in/out_channels = the autoencoder's latent
+            channels and context_dim = the conditioner's.
+        conditioner: class or text conditioner (knows its null condition).
+        schedule: noise schedule (T = schedule.num_timesteps).
+        sampler: DDIM/DDPM sampler for the sample grids.
+        optimizer: `_partial_` optimiser factory (AdamW).
+        autoencoder_checkpoint: the autoencoder stage's `final.ckpt`.
+        image_size: data image size H = W; latents are (z_channels, H / f, W / f).
+        num_classes: classes of the dataset (class grid rows; recorded for the classifier stage).
+        prediction_type: "eps", "v" or "x0".
+        p_uncond: label-dropout probability.
+        min_snr_gamma: min-SNR-gamma loss weighting, or None for the plain MSE.
+        warmup_steps, total_steps, min_lr_ratio: linear LR warm-up, then cosine decay to min_lr_ratio
+            (1.0 = constant LR, the LDM recipe).
+        ema_decay, ema_warmup: EMA of the U-Net (`lightning_modules.ema.EMA`).
+        num_loss_buckets: timestep buckets of the logged losses.
+        seed: seeds the training noise per (seed, rank, step), so ranks draw different t and noise.
+        samples_dir: where sample grids are written (`step{N}_s{scale}.png`); None disables them.
+        sample_every_n_steps: grid cadence in optimiser steps (and once at the end of training); 0 = end only.
+        sample_scales: classifier-free guidance scales of the grids (1 = no guidance).
+        sample_per_row, sample_max_rows: grid size: up to max_rows classes (or captions), per_row samples each.
+        sample_seed: noise seeds of the grid samples (the same at every scale and step).
+    """
+
+    stage_name = "diffusion"
+
+    def __init__(
+        self,
+        unet: Callable[..., UNet],
+        conditioner: Conditioner,
+        schedule: NoiseSchedule,
+        sampler: Sampler,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        autoencoder_checkpoint: str,
+        image_size: int,
+        num_classes: int,
+        prediction_type: str = "eps",
+        p_uncond: float = 0.1,
+        min_snr_gamma: float | None = None,
+        warmup_steps: int = 200,
+        total_steps: int = 1000,
+        min_lr_ratio: float = 1.0,
+        ema_decay: float = 0.999,
+        ema_warmup: bool = True,
+        num_loss_buckets: int = 10,
+        seed: int = 0,
+        samples_dir: str | None = None,
+        sample_every_n_steps: int = 1000,
+        sample_scales: Sequence[float] = (1.0, 3.0),
+        sample_per_row: int = 8,
+        sample_max_rows: int = 10,
+        sample_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
+        if not 0.0 <= p_uncond < 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1), got {p_uncond}")
+        self.save_hyperparameters(ignore=["unet", "conditioner", "schedule", "sampler", "optimizer"])
+        ae, self.scale_factor, self.autoencoder_fingerprint = load_autoencoder(autoencoder_checkpoint)
+        ae.validate_input_shape(ae.in_channels, image_size, image_size)
+        # Not a submodule: frozen, re-loaded from its own file, so never in this stage's state_dict.
+        self.__dict__["_autoencoder"] = ae
+        self.autoencoder_checkpoint = os.path.abspath(autoencoder_checkpoint)
+        f = ae.downsample_factor
+        self.latent_shape = (ae.z_channels, image_size // f, image_size // f)
+        self.conditioner = conditioner
+        self.unet = unet(in_channels=ae.z_channels, out_channels=ae.z_channels, context_dim=conditioner.context_dim)
+        self.ema = EMA(self.unet, decay=ema_decay, warmup=ema_warmup)
+        trainable_cond = any(p.requires_grad for p in conditioner.parameters())
+        self.conditioner_ema = EMA(conditioner, decay=ema_decay, warmup=ema_warmup) if trainable_cond else None
+        self.schedule, self.sampler = schedule, sampler
+        self.optimizer_factory = optimizer
+        self.val_timesteps = bucket_centres(schedule.num_timesteps, num_loss_buckets)
+        self.val_losses = nn.ModuleList([torchmetrics.MeanMetric() for _ in range(num_loss_buckets)])
+        # Frozen text-encoder weights are left out of our checkpoints; on_load_checkpoint checks the rest.
+        self.strict_loading = False
+        self._rng: torch.Generator | None = None
+        self._sampled_at = -1
+
+    # --- the frozen first stage ----------------------------------------------------------------------
+    def frozen_autoencoder(self) -> AutoencoderKL:
+        ae = self.__dict__["_autoencoder"]
+        if next(ae.parameters()).device != self.device:
+            ae.to(self.device)
+        return ae
+
+    @torch.no_grad()
+    def encode_latents(self, batch: dict[str, Any], generator: torch.Generator | None = None,
+                       sample_posterior: bool = True) -> Tensor:  # fmt: skip
+        """z0 = scale_factor * (a draw from, or the mean of) q(z | x), float32 (B, C, h, w).
+
+        From cached posterior moments (`batch["moments"]`, (B, 2C, h, w) = mean and log-variance) when the
+        batch has them, else by encoding `batch["image"]`.
+        """
+        if "moments" in batch:
+            posterior = DiagonalGaussian(batch["moments"].float())
+        else:
+            posterior = self.frozen_autoencoder().encode(batch["image"])
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return z.float() * self.scale_factor
+
+    @torch.no_grad()
+    def decode_latents(self, z: Tensor) -> Tensor:
+        """(B, C, h, w) scaled latents -> images (B, C_img, H, W), clamped to [-1, 1]."""
+        return self.frozen_autoencoder().decode(z / self.scale_factor).float().clamp(-1, 1)
+
+    # --- training ----------------------------------------------------------------------------------------
+    def _generator(self) -> torch.Generator:
+        """The training RNG, seeded from (seed, rank, step): ranks differ, a resumed run is reproducible."""
+        if self._rng is None or self._rng.device != self.device:
+            state = np.random.SeedSequence([self.hparams.seed, self.global_rank, self.global_step])
+            self._rng = torch.Generator(device=self.device).manual_seed(int(state.generate_state(1)[0]))
+        return self._rng
+
+    def draw_timesteps_and_noise(self, z0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """t ~ U{0, ..., T-1} (B,) and noise ~ N(0, I) like z0."""
+        t = torch.randint(0, self.schedule.num_timesteps, (z0.shape[0],), generator=generator, device=z0.device)
+        return t, torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        rng = self._generator()
+        z0 = self.encode_latents(batch, rng)
+        t, noise = self.draw_timesteps_and_noise(z0, rng)
+        condition = self.conditioner.condition_from_batch(batch)
+        context, mask = self.conditioner(self.conditioner.drop(condition, self.hparams.p_uncond, rng))
+        per_sample = diffusion_loss(self.unet, self.schedule, self.hparams.prediction_type, z0, t, noise,
+                                    context, mask, self.hparams.min_snr_gamma)  # fmt: skip
+        loss = per_sample.mean()
+        self.log("train/loss", loss, prog_bar=True)
+        self._log_buckets("train", per_sample.detach(), t)
+        if self._trainer is not None and self.lr_schedulers() is not None:
+            self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        return loss
+
+    def _log_buckets(self, prefix: str, per_sample: Tensor, t: Tensor) -> None:
+        k = self.hparams.num_loss_buckets
+        buckets = timestep_buckets(t, self.schedule.num_timesteps, k)
+        sums = torch.zeros(k, device=per_sample.device).scatter_add_(0, buckets, per_sample.float())
+        counts = torch.bincount(buckets, minlength=k)
+        for b, n in enumerate(counts.tolist()):
+            if n:
+                self.log(f"{prefix}/loss_bucket{b}", sums[b] / n)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Step, then update the EMA: here (not in on_train_batch_end, which runs after the checkpoint
+        callback) the EMA saved with step N has seen exactly N updates, so a resumed run continues it exactly.
+        Called once per optimiser step, so gradient accumulation does not over-count."""
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update(self.unet)
+        if self.conditioner_ema is not None:
+            self.conditioner_ema.update(self.conditioner)
+
+    def on_train_start(self) -> None:
+        self._rng = None  # reseed from the (possibly resumed) global step
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        every = self.hparams.sample_every_n_steps
+        if every and self.global_step % every == 0:
+            self.log_sample_grids()
+
+    def on_train_epoch_end(self) -> None:
+        self.log_data_health()
+
+    def on_train_end(self) -> None:
+        self.log_sample_grids()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt = build_optimizer(self.optimizer_factory, [*self.unet.parameters(), *self.conditioner.parameters()])
+        sched = warmup_cosine(opt, self.hparams.warmup_steps, self.hparams.total_steps, self.hparams.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- validation: EMA loss at fixed t per bucket, seeded noise ------------------------------------------
+    def ema_conditioner(self) -> Conditioner:
+        return self.conditioner if self.conditioner_ema is None else self.conditioner_ema.shadow
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        z0 = self.encode_latents(batch, sample_posterior=False)
+        noise = seeded_noise(key_seeds(batch["key"]), z0.shape[1:], device=z0.device)
+        cond = self.ema_conditioner()
+        context, mask = cond(cond.condition_from_batch(batch))
+        for metric, t_fixed in zip(self.val_losses, self.val_timesteps):
+            t = torch.full((z0.shape[0],), t_fixed, dtype=torch.long, device=z0.device)
+            loss = diffusion_loss(self.ema.shadow, self.schedule, self.hparams.prediction_type, z0, t, noise,
+                                  context, mask)  # fmt: skip
+            metric.update(loss)
+
+    def on_validation_epoch_end(self) -> None:
+        # torchmetrics sync over ranks in compute(): every rank calls it, whatever its number of batches.
+        values = [m.compute() for m in self.val_losses]
+        for b, value in enumerate(values):
+            self.log(f"val/loss_bucket{b}", value)
+        self.log("val/loss", torch.stack(values).mean(), prog_bar=True)
+        for m in self.val_losses:
+            m.reset()
+
+    # --- sample grids ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_images(self, condition: Any, scale: float, seeds: Sequence[int]) -> Tensor:
+        """Decoded EMA samples (B, C, H, W) in [-1, 1] for B conditions at guidance scale `scale`."""
+        denoiser = guided_denoiser(self.ema.shadow, self.ema_conditioner(), condition, scale)
+        z = sample(denoiser, (len(seeds), *self.latent_shape), self.schedule, self.sampler,
+                   prediction_type=self.hparams.prediction_type, seeds=seeds, device=self.device)  # fmt: skip
+        return self.decode_latents(z)
+
+    def _grid_rows(self) -> tuple[dict[str, Any], list[str]]:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(dm, "class_names", None)
+        templates = (getattr(dm, "manifest", None) or {}).get("caption_templates") or [None]
+        return grid_conditions(self.hparams.num_classes, self.hparams.sample_max_rows, self.hparams.sample_per_row,
+                               names, templates[0])  # fmt: skip
+
+    def log_sample_grids(self) -> list[Path]:
+        """Rank 0 only, outside any collective: write `step{N}_s{scale}.png` per scale, log them to W&B."""
+        if self.hparams.samples_dir is None or self.global_step == self._sampled_at:
+            return []
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return []
+        self._sampled_at = self.global_step
+        from eval.report import make_grid_png
+
+        batch, titles = self._grid_rows()
+        batch["label"] = batch["label"].to(self.device)
+        cond = self.ema_conditioner()
+        condition = cond.condition_from_batch(batch)
+        per_row = self.hparams.sample_per_row
+        seeds = [self.hparams.sample_seed + i for i in range(len(batch["label"]))]
+        labels = [titles[i // per_row] if i % per_row == 0 else "" for i in range(len(seeds))]
+        paths = []
+        for scale in self.hparams.sample_scales:
+            images = to_uint8_images(self.sample_images(condition, float(scale), seeds))
+            path = Path(self.hparams.samples_dir) / f"step{self.global_step}_s{float(scale):g}.png"
+            paths.append(make_grid_png(images, nrow=per_row, path=path, labels=labels))
+            self._log_image(f"samples/scale_{float(scale):g}", path, f"step {self.global_step}, scale {scale}")
+        return paths
+
+    def _log_image(self, key: str, path: Path, caption: str) -> None:
+        from pytorch_lightning.loggers import WandbLogger
+
+        for logger in self.loggers if self._trainer is not None else []:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=key, images=[str(path)], caption=[caption], step=self.global_step)
+
+    # --- checkpoints ---------------------------------------------------------------------------------------
+    def _frozen_keys(self) -> set[str]:
+        """state_dict keys of the conditioner's frozen part (re-loaded from its own files, not saved)."""
+        trainable = {n for n, p in self.conditioner.named_parameters() if p.requires_grad}
+        return {f"conditioner.{k}" for k in self.conditioner.state_dict() if k not in trainable}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        frozen = self._frozen_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        ours = set(self.state_dict())
+        found = set(checkpoint["state_dict"])
+        missing, unexpected = ours - self._frozen_keys() - found, found - ours
+        if missing or unexpected:
+            raise RuntimeError(
+                f"diffusion checkpoint does not fit this model: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]} (was the U-Net or conditioner config changed?)"
+            )
+
+    def artifacts(self) -> dict[str, Any]:
+        spec = conditioner_spec(self.conditioner, self.conditioner.hparams())
+        if self.conditioner_ema is not None:
+            shadow = self.conditioner_ema.shadow.state_dict()
+            spec["state_dict"] = {k: shadow[k].detach().cpu() for k in spec["state_dict"]}
+        return {
+            "unet_hparams": self.ema.shadow.hparams(),
+            "unet_state_dict": {k: v.detach().cpu() for k, v in self.ema.shadow.state_dict().items()},
+            "conditioner": spec,
+            "schedule": self.schedule.to_dict(),
+            "prediction_type": self.hparams.prediction_type,
+            "latent_shape": list(self.latent_shape),
+            "autoencoder_checkpoint": self.autoencoder_checkpoint,
+            "autoencoder_fingerprint": self.autoencoder_fingerprint,
+            "latent_scale_factor": float(self.scale_factor),
+            "num_classes": int(self.hparams.num_classes),
+        }

