@@ -14,7 +14,9 @@ through /proc/self/clear_refs) minus the RSS before the run.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
+import gc
 import sys
 import time
 from pathlib import Path
@@ -84,9 +86,13 @@ def _proc_status_kib(key: str) -> int:
 
 def reset_peak(device: str) -> int:
     """Reset the peak-memory counter; returns the baseline in bytes (CPU RSS now, 0 on CUDA)."""
+    gc.collect()
     if device == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         return 0
+    # Hand the previous run's freed heap back to the OS, else it counts in the baseline, not the peak.
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
     return _proc_status_kib("VmRSS") * 1024
 

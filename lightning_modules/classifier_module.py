@@ -28,6 +28,7 @@ from lightning_modules.artifacts import StageMismatchError, load_autoencoder, lo
 from lightning_modules.base import StageModule, build_optimizer
 from lightning_modules.diffusion import NoiseSchedule, q_sample
 from lightning_modules.ema import EMA
+from lightning_modules.nets.autoencoder import DiagonalGaussian
 from lightning_modules.nets.classifier import NoisyLatentClassifier
 
 # Constructor arguments of the classifier that the upstream latents decide, not the model config.
@@ -245,14 +246,19 @@ class ClassifierModule(StageModule):
 
     # --- data -> noisy latents ---------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, images: Tensor) -> Tensor:
-        """images (B, C, H, W) in [-1, 1] -> scaled clean latents z_0 = E(x) * scale, (B, c, h, w)."""
-        autoencoder = self._frozen["autoencoder"]
-        if next(autoencoder.parameters()).device != images.device:
-            autoencoder.to(images.device)
-        posterior = autoencoder.encode(images)
-        z = posterior.sample() if self.hparams.sample_posterior else posterior.mode()
-        return z * self.scale_factor
+    def encode(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
+        """Scaled clean latents z_0 = E(x) * scale, float32 (B, c, h, w), from `batch["image"]` (B, C, H, W)
+        in [-1, 1], or from cached posterior moments `batch["moments"]` (B, 2c, h, w) (mean and log-variance,
+        as `lightning_modules.latent_cache` writes them) when the batch has them."""
+        if "moments" in batch:
+            posterior = DiagonalGaussian(batch["moments"].float())
+        else:
+            autoencoder = self._frozen["autoencoder"]
+            if next(autoencoder.parameters()).device != batch["image"].device:
+                autoencoder.to(batch["image"].device)
+            posterior = autoencoder.encode(batch["image"])
+        z = posterior.sample(generator) if self.hparams.sample_posterior else posterior.mode()
+        return z.float() * self.scale_factor
 
     def noisy_batch(
         self, batch: dict[str, Any], generator: torch.Generator | None = None
@@ -260,7 +266,7 @@ class ClassifierModule(StageModule):
         """A DataModule batch -> (z_t (B, c, h, w), t long (B,), labels long (B,))."""
         labels = batch["label"]
         check_labels(labels, self.hparams.num_classes)
-        z_t, t, _ = diffuse(self.schedule, self.encode(batch["image"]), generator)
+        z_t, t, _ = diffuse(self.schedule, self.encode(batch, generator), generator)
         return z_t, t, labels
 
     def forward(self, z_t: Tensor, t: Tensor) -> Tensor:
@@ -289,6 +295,9 @@ class ClassifierModule(StageModule):
         self.log_data_health()
 
     def _log_train_buckets(self) -> None:
+        # Ranks run equally many steps, so they agree on whether there is anything to sync.
+        if not self.train_metrics.update_count:
+            return
         values = bucket_log_dict(self.train_metrics.compute(), "train")
         self.train_metrics.reset()
         self.log_dict({k: v for k, v in values.items() if k not in ("train/acc", "train/loss")})

@@ -173,6 +173,7 @@ class DiffusionModule(StageModule):
             raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {p_uncond}")
+        sample_scales = [float(s) for s in sample_scales]  # plain floats in hparams: checkpoints load weights_only
         self.save_hyperparameters(ignore=["unet", "conditioner", "schedule", "sampler", "optimizer"])
         ae, self.scale_factor, self.autoencoder_fingerprint = load_autoencoder(autoencoder_checkpoint)
         ae.validate_input_shape(ae.in_channels, image_size, image_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,8 +18,9 @@ def stage_sbatch_argv(step, launcher: DictConfig, log_dir: Path, dependency: lis
     ntasks = int(launcher.ntasks_per_node) if step.distributed else 1
     nodes = int(launcher.nodes) if step.distributed else 1
     env = [f"GLDM_ENTRY={step.entry}", f"GLDM_ROOT={Path.cwd()}"]
-    if launcher.get("venv"):
-        env.append(f"GLDM_VENV={launcher.venv}")
+    venv = launcher.get("venv") or (sys.prefix if sys.prefix != sys.base_prefix else None)
+    if venv:
+        env.append(f"GLDM_VENV={venv}")
     return sbatch_command(
         str(REPO / "slurm" / "stage.sbatch"),
         job_name=f"gldm-{step.name}",

@@ -103,6 +103,19 @@ def test_training_step_uses_uniform_t(upstream, monkeypatch):
     assert len(seen) == 1 and seen[0].shape == (8,) and int(seen[0].max()) < 100
 
 
+def test_latents_from_images_or_cached_moments(upstream):
+    module = make_module(upstream, sample_posterior=False)
+    batch = image_batch(4)
+    posterior = module._frozen["autoencoder"].encode(batch["image"])
+    expected = posterior.mean * module.scale_factor
+    torch.testing.assert_close(module.encode(batch), expected)
+    moments = torch.cat([posterior.mean, posterior.logvar], dim=1)
+    torch.testing.assert_close(module.encode({"moments": moments, "label": batch["label"]}), expected)
+    sampled = make_module(upstream).encode(batch, torch.Generator().manual_seed(0))
+    std = (0.5 * posterior.logvar).exp() * module.scale_factor
+    assert not torch.allclose(sampled, expected) and ((sampled - expected) / std).abs().max() < 6
+
+
 # --- per-bucket bookkeeping -------------------------------------------------------------------------
 
 
@@ -284,7 +297,7 @@ def test_the_classifier_learns_clean_latents(upstream):
     module = make_module(upstream, optimizer=functools.partial(torch.optim.AdamW, lr=1e-2))
     opt = module.configure_optimizers()["optimizer"]
     batch = image_batch(16, seed=3)
-    z0 = module.encode(batch["image"])
+    z0 = module.encode(batch)
     t = torch.zeros(16, dtype=torch.long)
     losses = []
     for _ in range(15):

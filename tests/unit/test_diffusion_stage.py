@@ -273,3 +273,49 @@ def test_autoencoder_is_not_part_of_the_state(ae_ckpt):
     z = module.encode_latents({"image": images}, sample_posterior=False)
     expected = module.frozen_autoencoder().encode(images).mode() * 0.7
     torch.testing.assert_close(z, expected)
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+LDM4_PAPER_PARAMS = 400e6  # Rombach et al. 2022, Tab. 15: LDM-4 on ImageNet
+
+
+def _imagenet_cfg(tmp_path: Path):
+    from tests.unit.test_configs import compose_cfg
+
+    return compose_cfg("train", ["stage=diffusion", "experiment=imagenet256_ldm", "trainer=ddp",
+                                 f"paths.runs_dir={tmp_path}", "data.source.root=/nonexistent"])  # fmt: skip
+
+
+def test_imagenet_experiment_is_ldm4(tmp_path):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = _imagenet_cfg(tmp_path)
+    ldm4 = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "model" / "unet" / "ldm4.yaml")
+    assert OmegaConf.to_container(cfg.model.unet) == OmegaConf.to_container(ldm4)
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.strategy._target_.endswith("DDPStrategy")
+    assert (cfg.data.image_size, cfg.data.channels, cfg.model.conditioner.num_classes) == (256, 3, 1000)
+    assert cfg.model.autoencoder.z_channels == 3 and len(cfg.model.autoencoder.ch_mult) == 3  # kl-f4
+    unet = instantiate(cfg.model.unet)(in_channels=3, out_channels=3, context_dim=cfg.model.conditioner.embed_dim)
+    n = unet.num_parameters() + (1000 + 1) * 512  # + the class tokens
+    assert abs(n / LDM4_PAPER_PARAMS - 1) < 0.10, n
+
+
+@pytest.mark.slow
+def test_imagenet_experiment_module_instantiates(tmp_path):
+    """The whole LDM-4 diffusion module (426M-parameter U-Net, its EMA, a kl-f4 autoencoder checkpoint)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = _imagenet_cfg(tmp_path)
+    # under stage=diffusion, model.autoencoder holds only the experiment's sizes (no _target_)
+    ae = AutoencoderKL(in_channels=3, **OmegaConf.to_container(cfg.model.autoencoder))
+    ckpt = Path(cfg.stage.module.autoencoder_checkpoint)
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"stage": "autoencoder", "autoencoder_hparams": ae.hparams(), "autoencoder_state_dict": ae.state_dict(),
+                "latent_scale_factor": 0.2, "latent_shape": [3, 64, 64], "image_shape": [3, 256, 256]}, ckpt)  # fmt: skip
+    del ae
+    module = instantiate(cfg.stage.module)
+    assert module.latent_shape == (3, 64, 64) and module.unet.context_dim == 512
+    assert abs(module.unet.num_parameters() / LDM4_PAPER_PARAMS - 1) < 0.10

@@ -30,7 +30,7 @@ def test_manifest_counts_and_round_trip(tiny_data):
     assert {k: v["num_samples"] for k, v in manifest["splits"].items()} == {"train": 256, "val": 64, "test": 256}
     assert manifest["image_shape"] == [28, 28, 1] and manifest["num_classes"] == 10
     assert manifest["class_names"][7] == "sneaker"
-    for split, entry in manifest["splits"].items():
+    for entry in manifest["splits"].values():
         assert sum(s["num_samples"] for s in entry["shards"]) == entry["num_samples"]
     assert len(manifest["splits"]["val"]["shards"]) >= 4  # eval splits spread over ranks x workers
 
@@ -39,7 +39,7 @@ def test_manifest_counts_and_round_trip(tiny_data):
     seen = 0
     for split, entry in manifest["splits"].items():
         for shard in entry["shards"]:
-            for key, s in read_tar(d / shard["name"]).items():
+            for _key, s in read_tar(d / shard["name"]).items():
                 meta = json.loads(s["json"])
                 src = "test" if split == "test" else "train"
                 img = np.asarray(Image.open(io.BytesIO(s["png"])))

@@ -1,0 +1,71 @@
+"""pipeline.run: the stage DAG locally, skip/resume/re-run semantics, SIGKILL of the orchestrator."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, cli_env, run_cli, tiny_overrides
+
+RUN = "default/fashion_mnist"
+
+
+def test_unknown_stage_and_unknown_override_are_errors(tiny_data, tmp_path):
+    out = run_cli("pipeline.run", "stages=[nope]", *tiny_overrides(tiny_data, tmp_path), check=False)
+    assert out.returncode != 0 and "unknown ['nope']" in out.stderr
+    out = run_cli("pipeline.run", "stages=[feature_net_eval]", "trainer.max_stepz=3",
+                  *tiny_overrides(tiny_data, tmp_path), check=False)  # fmt: skip
+    assert out.returncode != 0 and "trainer.max_stepz=3" in out.stderr
+
+
+def test_skip_and_rerun_on_config_change(tiny_data, tmp_path):
+    args = ["stages=[feature_net_perceptual,feature_net_eval]", "debug=fdr", *tiny_overrides(tiny_data, tmp_path)]
+    first = run_cli("pipeline.run", *args)
+    assert "feature_net_perceptual: running (not run yet)" in first.stdout
+    again = run_cli("pipeline.run", *args)
+    assert "feature_net_perceptual: done" in again.stdout and "feature_net_eval: done" in again.stdout
+    changed = run_cli("pipeline.run", *args, "stage.module.max_shift=0")
+    assert "feature_net_perceptual: running (config changed)" in changed.stdout
+    assert (tmp_path / RUN / "logs" / "feature_net_eval.log").exists()
+
+
+def _children_of(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def test_sigkill_during_a_stage_then_restart_completes_without_redoing(tiny_data, tmp_path):
+    args = ["stages=[feature_net_perceptual,feature_net_eval]", "debug=limit", "trainer.max_steps=300",
+            "data.train_batches_per_epoch=1000", "stage.checkpoint_every_n_steps=5",
+            *tiny_overrides(tiny_data, tmp_path)]  # fmt: skip
+    # make the perceptual stage short: finish it first on its own
+    run_cli("pipeline.run", "stages=[feature_net_perceptual]", "debug=limit", *tiny_overrides(tiny_data, tmp_path))
+    args = [a for a in args if not a.startswith("stages=")] + ["stages=[feature_net_perceptual,feature_net_eval]"]
+    perceptual_done = (tmp_path / RUN / "feature_net_perceptual" / "DONE").read_text()
+    last = tmp_path / RUN / "feature_net_eval" / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", *args], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert last.exists()
+    children = _children_of(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(2)
+    for child in children:  # the stage process dies with the orchestrator (no orphan keeps training)
+        with pytest.raises(ProcessLookupError):
+            os.kill(child, 0)
+    assert not (tmp_path / RUN / "feature_net_eval" / "DONE").exists()
+    out = run_cli("pipeline.run", *[a for a in args if not a.startswith("stages=")],
+                  "stages=[feature_net_perceptual,feature_net_eval]")  # fmt: skip
+    assert "feature_net_perceptual: done" in out.stdout
+    assert "feature_net_eval: running (resuming)" in out.stdout and "resuming from" in out.stdout
+    assert (tmp_path / RUN / "feature_net_perceptual" / "DONE").read_text() == perceptual_done
+    assert json.loads((tmp_path / RUN / "feature_net_eval" / "DONE").read_text())["global_step"] == 300

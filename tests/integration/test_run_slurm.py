@@ -1,0 +1,60 @@
+"""pipeline.run launcher=slurm on the real local Slurm cluster: an afterok chain of DDP stages under srun,
+and preemption (USR1 -> checkpoint -> requeue -> resume, same W&B run)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+
+import pytest
+
+from pipeline import slurm
+from tests.conftest import run_cli, tiny_overrides
+from tests.integration.test_local_slurm import cluster  # noqa: F401  (the module-scoped fixture)
+
+pytestmark = pytest.mark.slurm
+RUN = "default/fashion_mnist"
+SLURM = ["launcher=slurm", "launcher.ntasks_per_node=2", "launcher.cpus_per_task=1", "trainer=ddp_cpu"]
+
+
+def test_chain_runs_in_order_with_ddp_under_srun(cluster, tiny_data, tmp_path):  # noqa: F811
+    out = run_cli("pipeline.run", "stages=[feature_net_perceptual,feature_net_eval]", "debug=fdr",
+                  "launcher.wait=true", *SLURM, *tiny_overrides(tiny_data, tmp_path), timeout=900)  # fmt: skip
+    ids = re.findall(r"submitted job (\d+)", out.stdout)
+    assert len(ids) == 2
+    second = subprocess.run(["scontrol", "show", "job", "-o", ids[1]], capture_output=True, text=True).stdout
+    assert f"afterok:{ids[0]}" in second or "Dependency=(null)" in second  # satisfied deps are cleared
+    run = tmp_path / RUN
+    done = [json.loads((run / s / "DONE").read_text()) for s in ("feature_net_perceptual", "feature_net_eval")]
+    assert all(d["stage"] == "feature_net" for d in done)
+    logs = {p.name: p.read_text() for p in (run / "logs").glob("*.out")}
+    first_log = next(v for k, v in logs.items() if k.startswith("feature_net_perceptual"))
+    second_log = next(v for k, v in logs.items() if k.startswith("feature_net_eval"))
+    assert "GLOBAL_RANK: 1" in first_log and "MEMBER: 2/2" in first_log  # Lightning DDP over srun's 2 tasks
+    start2 = (run / "feature_net_eval" / "STARTED").stat().st_mtime
+    assert (run / "feature_net_perceptual" / "DONE").stat().st_mtime <= start2
+    assert "Traceback" not in second_log
+
+
+def test_usr1_preemption_requeues_and_resumes_same_wandb_run(cluster, tiny_data, tmp_path):  # noqa: F811
+    args = ["stages=[feature_net_eval]", "debug=limit", "trainer.max_steps=150", "data.train_batches_per_epoch=1000",
+            "stage.checkpoint_every_n_steps=5", *SLURM, f"paths.data_dir={tiny_data}", f"paths.runs_dir={tmp_path}",
+            "logger=wandb"]  # fmt: skip
+    out = run_cli("pipeline.run", *args)
+    job = re.findall(r"submitted job (\d+)", out.stdout)[0]
+    last = tmp_path / RUN / "feature_net_eval" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert last.exists(), "the job wrote no checkpoint"
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    states = slurm.wait_for(job, timeout=600)
+    assert states[job] == "COMPLETED"
+    log = next((tmp_path / RUN / "logs").glob(f"feature_net_eval-{job}.out")).read_text()
+    assert "restart 1" in log, log[-3000:]
+    done = json.loads((tmp_path / RUN / "feature_net_eval" / "DONE").read_text())
+    assert done["global_step"] == 150
+    runs = list((tmp_path / RUN / "wandb").glob("offline-run-*"))
+    assert len(runs) >= 2 and len({r.name.rsplit("-", 1)[-1] for r in runs}) == 1, runs
