@@ -18,6 +18,7 @@ import ctypes
 import functools
 import gc
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -126,14 +127,14 @@ def build_module(cfg, fn_cfg, gan: bool) -> AutoencoderModule:
     )
 
 
-def run(cfg, fn_cfg, args, gan: bool, precision: str) -> dict:
+def run(cfg, fn_cfg, args, gan: bool, precision: str, root_dir: str) -> dict:
     module = build_module(cfg, fn_cfg, gan)
     timer = StepTimer(args.warmup)
     n = args.warmup + args.steps
     data = SyntheticData(args.batch_size, cfg.data.channels, cfg.data.image_size, n)
     trainer = pl.Trainer(accelerator=args.device, devices=1, precision=precision, max_steps=n, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, callbacks=[timer])  # fmt: skip
+                         limit_val_batches=0, callbacks=[timer], default_root_dir=root_dir)  # fmt: skip
     baseline = reset_peak(args.device)
     trainer.fit(module, datamodule=data)
     seconds = sum(timer.times)
@@ -157,7 +158,8 @@ def main() -> None:
     args.batch_size = args.batch_size or cfg.data.batch_size
     settings = [("fp32, G + D step (reference)", True, "32-true"), ("fp32, G only (before disc_start)", False,
                 "32-true"), ("bf16 autocast, G + D step", True, "bf16-mixed")]  # fmt: skip
-    rows = [(name, run(cfg, fn_cfg, args, gan, precision)) for name, gan, precision in settings]
+    with tempfile.TemporaryDirectory() as root_dir:  # the stage writes latent_stats.json there
+        rows = [(name, run(cfg, fn_cfg, args, gan, precision, root_dir)) for name, gan, precision in settings]
     ref = rows[0][1]
     size = f"{cfg.data.channels}x{cfg.data.image_size}x{cfg.data.image_size}"
     print(f"\nautoencoder stage training, device={args.device} (threads={torch.get_num_threads()}), batch={args.batch_size}, "

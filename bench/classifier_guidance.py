@@ -49,18 +49,26 @@ from lightning_modules.nets.conditioners import ClassConditioner  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--run-dir", type=Path, required=True, help="runs/<experiment>/<run_name>")
     p.add_argument("--diffusion", type=Path, help="default: <run-dir>/diffusion/checkpoints/final.ckpt")
     p.add_argument("--classifier", type=Path, help="default: <run-dir>/classifier/checkpoints/final.ckpt")
-    p.add_argument("--feature-net", type=Path, help="default: <run-dir>/feature_net_eval/checkpoints/final.ckpt")
+    p.add_argument(
+        "--feature-net", type=Path, help="default: <run-dir>/feature_net_eval/checkpoints/final.ckpt"
+    )
     p.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 3.0, 10.0], help="s_cls values")
     p.add_argument("--num-samples", type=int, default=200, help="N, class-balanced (label = i mod K)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (respaced chain)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--cfg-scale", type=float, default=None,
-                   help="classifier-free guidance scale on top (s = 1: conditional); default: unconditional")
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale on top (s = 1: conditional); default: unconditional",
+    )
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i, for every scale")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -82,7 +90,9 @@ def make_denoiser(bundle: DiffusionBundle, labels: Tensor, cfg_scale: float | No
         # With scale 1 only the "conditional" half runs, which here is the null condition: eps(z_t, t, null).
         return CFGDenoiser(bundle.unet, null_context, null_mask, null_context, null_mask, scale=1.0)
     if not isinstance(cond, ClassConditioner):
-        raise ValueError(f"--cfg-scale needs a class-conditioned diffusion model, this one has {type(cond).__name__}")
+        raise ValueError(
+            f"--cfg-scale needs a class-conditioned diffusion model, this one has {type(cond).__name__}"
+        )
     context, mask = cond(labels)
     return CFGDenoiser(bundle.unet, context, mask, null_context, null_mask, scale=cfg_scale)
 
@@ -123,9 +133,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     bundle = load_diffusion(args.diffusion or args.run_dir / "diffusion" / "checkpoints" / "final.ckpt")
     classifier = load_classifier(args.classifier or args.run_dir / "classifier" / "checkpoints" / "final.ckpt",
                                  diffusion=bundle)  # fmt: skip
-    feature_net = load_feature_net(args.feature_net or args.run_dir / "feature_net_eval" / "checkpoints" / "final.ckpt")
+    feature_net = load_feature_net(
+        args.feature_net or args.run_dir / "feature_net_eval" / "checkpoints" / "final.ckpt"
+    )
     if feature_net.num_classes != bundle.num_classes:
-        raise ValueError(f"feature net has {feature_net.num_classes} classes, the diffusion model {bundle.num_classes}")
+        raise ValueError(
+            f"feature net has {feature_net.num_classes} classes, the diffusion model {bundle.num_classes}"
+        )
     for net in (bundle.unet, bundle.conditioner, bundle.autoencoder, classifier, feature_net):
         net.to(device)
     sampler = (DDIMSampler(num_steps=args.steps, eta=args.eta) if args.sampler == "ddim"
@@ -163,7 +177,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
           f"(first {accs[0]:.4f}, last {accs[-1]:.4f})")  # fmt: skip
     if args.out:
         meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        atomic_write_text(args.out / "results.json", json.dumps({"args": meta, "rows": rows}, indent=2) + "\n")
+        atomic_write_text(
+            args.out / "results.json", json.dumps({"args": meta, "rows": rows}, indent=2) + "\n"
+        )
     return rows
 
 

@@ -568,8 +568,9 @@ class SweepJob:
         return rows
 
     def run_setting(self, setting: GuidanceSetting) -> tuple[str, dict[str, Any] | None]:
-        """-> (status, metrics on rank 0 else None). status: "skipped (done)" when metrics.json matches,
-        "scored" when existing samples were only scored, "sampled+scored" / "sampled" otherwise."""
+        """-> (status, metrics on rank 0 else None). status: "skipped (done with this config)" when
+        metrics.json matches, "scored" when existing samples were only scored, else "sampled+scored"
+        ("sampled" / "samples exist" on ranks > 0, which never score)."""
         setting_dir = self.out_dir / setting.name
         samples_hash = self.samples_hash(setting)
         existing = _read_json(setting_dir / "metrics.json") or {}
@@ -583,7 +584,7 @@ class SweepJob:
         if sampled:
             self._generate(setting, setting_dir, samples_hash)
         if self.rank != 0:
-            return "sampled", None
+            return ("sampled" if sampled else "samples exist"), None
         return ("sampled+scored" if sampled else "scored"), self._score(setting, setting_dir, samples_hash)
 
     def _generate(self, setting: GuidanceSetting, setting_dir: Path, samples_hash: str) -> None:
@@ -595,7 +596,7 @@ class SweepJob:
         bar = tqdm(mine, desc=f"{setting.name}: sampling", unit="batch", leave=False, disable=not self.progress)
         for r in bar:
             path = parts / f"{r.start:07d}-{r.stop:07d}.npz"
-            if not self.force and _npz_hash(path) == samples_hash:
+            if _npz_hash(path) == samples_hash:  # a batch finished before an interruption (same content)
                 continue
             idx = np.arange(r.start, r.stop)
             images = self.generator(setting, self.labels[idx], sample_seeds(idx, self.sample_seed))

@@ -195,7 +195,9 @@ class ClassifierModule(StageModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer"])
-        autoencoder, self.scale_factor, self.autoencoder_fingerprint = load_autoencoder(autoencoder_checkpoint)
+        autoencoder, self.scale_factor, self.autoencoder_fingerprint = load_autoencoder(
+            autoencoder_checkpoint
+        )
         self._frozen = {"autoencoder": autoencoder}  # a plain dict: not a submodule, not in state_dict
         upstream = self._read_diffusion(diffusion_checkpoint, num_classes)
         self.schedule = NoiseSchedule.from_dict(upstream["schedule"])
@@ -209,7 +211,9 @@ class ClassifierModule(StageModule):
         self.test_metrics = BucketedAccuracy(T, num_buckets)
 
     def _read_diffusion(self, path: str, num_classes: int) -> dict[str, Any]:
-        ckpt = load_stage_checkpoint(path, "diffusion", ("schedule", "latent_shape", "autoencoder_fingerprint"))
+        ckpt = load_stage_checkpoint(
+            path, "diffusion", ("schedule", "latent_shape", "autoencoder_fingerprint")
+        )
         theirs = ckpt["autoencoder_fingerprint"]
         if theirs != self.autoencoder_fingerprint:
             raise StageMismatchError(
@@ -304,7 +308,7 @@ class ClassifierModule(StageModule):
 
     # --- validation / test -------------------------------------------------------------------------
     def _eval_step(self, batch: dict, batch_idx: int, metrics: BucketedAccuracy) -> None:
-        device = batch["image"].device
+        device = batch["label"].device  # a batch of cached latents has no "image"
         seed = self.hparams.eval_seed + 1_000_003 * self.global_rank + batch_idx
         z_t, t, labels = self.noisy_batch(batch, torch.Generator(device=device).manual_seed(seed))
         metrics.update(self.eval_net(z_t, t), labels, t)
@@ -360,7 +364,9 @@ def build_net(
     fixed = getattr(factory, "keywords", {}) or {}
     conflicts = {k: (fixed[k], v) for k, v in upstream.items() if k in fixed and fixed[k] != v}
     if conflicts:
-        details = ", ".join(f"{k}={mine} (config) vs {theirs} (upstream)" for k, (mine, theirs) in conflicts.items())
+        details = ", ".join(
+            f"{k}={mine} (config) vs {theirs} (upstream)" for k, (mine, theirs) in conflicts.items()
+        )
         raise StageMismatchError(
             f"classifier config does not match the upstream latents {latent_shape} / {num_classes} classes: "
             f"{details}; leave these keys out of model.classifier"

@@ -21,7 +21,13 @@ from lightning_modules.nets.unet import UNet
 NUM_CLASSES = 10
 IMAGE_SHAPE = [1, 32, 32]
 LATENT_SHAPE = [4, 8, 8]
-TINY_SCHEDULE = {"kind": "linear", "num_timesteps": 100, "beta_start": 1e-4, "beta_end": 0.02, "cosine_s": 0.008}
+TINY_SCHEDULE = {
+    "kind": "linear",
+    "num_timesteps": 100,
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "cosine_s": 0.008,
+}
 AE_HPARAMS = {"in_channels": 1, "ch": 8, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 4,
               "attn_mid": False}  # fmt: skip
 UNET_HPARAMS = {"in_channels": 4, "out_channels": 4, "model_channels": 16, "channel_mult": [1, 2],
@@ -77,7 +83,9 @@ def write_feature_net(path: Path, seed: int = 0, role: str = "eval") -> Path:
                         "feature_net_state_dict": net.state_dict(), "feature_net_role": role})  # fmt: skip
 
 
-def write_classifier(path: Path, fingerprint: str, schedule: dict[str, Any] | None = None, seed: int = 0) -> Path:
+def write_classifier(
+    path: Path, fingerprint: str, schedule: dict[str, Any] | None = None, seed: int = 0
+) -> Path:
     torch.manual_seed(seed)
     clf = NoisyLatentClassifier(**CLASSIFIER_HPARAMS)
     return _save(path, {"stage": "classifier", "classifier_hparams": clf.hparams(),
@@ -94,4 +102,3 @@ def write_upstream_run(run_dir: Path) -> dict[str, Any]:
     fn_path = write_feature_net(run_dir / "feature_net_eval" / "checkpoints" / "final.ckpt")
     return {"autoencoder": ae_path, "diffusion": diff_path, "feature_net_eval": fn_path,
             "fingerprint": fingerprint}  # fmt: skip
-

@@ -36,11 +36,18 @@ def run(tiny_data, tmp_path_factory) -> dict:
             run_cli("pipeline.train", *stage, "debug=fdr", *tiny_overrides(tiny_data, runs))
     else:
         write_upstream_run(run_dir)
-    return {"data": tiny_data, "runs": runs, "dir": run_dir, "diffusion": run_dir / "diffusion/checkpoints/final.ckpt"}
+    return {
+        "data": tiny_data,
+        "runs": runs,
+        "dir": run_dir,
+        "diffusion": run_dir / "diffusion/checkpoints/final.ckpt",
+    }
 
 
 def classifier_cli(run: dict, *extra: str, **kw) -> subprocess.CompletedProcess:
-    return run_cli("pipeline.train", "stage=classifier", *extra, *tiny_overrides(run["data"], run["runs"]), **kw)
+    return run_cli(
+        "pipeline.train", "stage=classifier", *extra, *tiny_overrides(run["data"], run["runs"]), **kw
+    )
 
 
 def test_fast_dev_run_exports_a_loadable_classifier(run):
@@ -63,8 +70,14 @@ def test_fast_dev_run_exports_a_loadable_classifier(run):
     # A classifier trained for another schedule / latent shape / autoencoder is refused, naming both sides.
     other_schedule = dataclasses.replace(bundle.schedule, num_timesteps=bundle.schedule.num_timesteps // 2)
     for change, message in [
-        ({"schedule": other_schedule}, r"noise schedule .*\(classifier\) vs .*'num_timesteps': \d+.*\(diffusion\)"),
-        ({"latent_shape": (4, 16, 16)}, r"latent shape \[4, 8, 8\] \(classifier\) vs \[4, 16, 16\] \(diffusion\)"),
+        (
+            {"schedule": other_schedule},
+            r"noise schedule .*\(classifier\) vs .*'num_timesteps': \d+.*\(diffusion\)",
+        ),
+        (
+            {"latent_shape": (4, 16, 16)},
+            r"latent shape \[4, 8, 8\] \(classifier\) vs \[4, 16, 16\] \(diffusion\)",
+        ),
         ({"autoencoder_fingerprint": "0" * 64}, r"autoencoder weights \w+ \(classifier\) vs 000000000000"),
         ({"num_classes": 7}, r"number of classes 10 \(classifier\) vs 7 \(diffusion\)"),
     ]:
@@ -81,12 +94,18 @@ def test_ddp_cpu_two_processes(run):
     columns = set(next(csv.reader(open(stage / "csv" / "metrics.csv"))))
     for key in ("train/loss", "train/acc", "val/acc", "val/loss"):
         assert key in columns, key
-    assert any(c.startswith("val/acc_bucket") for c in columns) and any(c.startswith("train/acc_bucket") for c in columns)
+    assert any(c.startswith("val/acc_bucket") for c in columns) and any(
+        c.startswith("train/acc_bucket") for c in columns
+    )
     # EMA on: the exported weights are the EMA copy, which after 6 steps differs from the trained net.
     ckpt = torch.load(stage / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=False)
-    ema = {k.removeprefix("ema.shadow."): v for k, v in ckpt["state_dict"].items() if k.startswith("ema.shadow.")}
+    ema = {
+        k.removeprefix("ema.shadow."): v for k, v in ckpt["state_dict"].items() if k.startswith("ema.shadow.")
+    }
     net = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    assert state_fingerprint(ckpt["classifier_state_dict"]) == state_fingerprint(ema) != state_fingerprint(net)
+    assert (
+        state_fingerprint(ckpt["classifier_state_dict"]) == state_fingerprint(ema) != state_fingerprint(net)
+    )
 
 
 def test_other_autoencoder_than_the_diffusion_stage_used_is_refused(run, tmp_path):
@@ -97,16 +116,24 @@ def test_other_autoencoder_than_the_diffusion_stage_used_is_refused(run, tmp_pat
     assert "is not the one diffusion checkpoint" in proc.stdout + proc.stderr
 
 
+def bench(run_dir, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "bench" / "classifier_guidance.py"), "--run-dir", str(run_dir), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
 def test_guidance_benchmark_runs_on_the_run_dir(run):
     if not (run["dir"] / "classifier" / "DONE").exists():
         classifier_cli(run, "debug=fdr")
     out = run["dir"] / "bench_out"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "classifier_guidance.py"), "--run-dir", str(run["dir"]),
-                           "--num-samples", "10", "--batch-size", "5", "--steps", "2", "--scales", "0", "3",
-                           "--out", str(out)], cwd=REPO, env=cli_env(), capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = bench(run["dir"], "--num-samples", "10", "--batch-size", "5", "--steps", "2", "--scales", "0", "3",
+                 "--out", str(out))  # fmt: skip
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["s_cls"] for r in rows] == [0.0, 3.0] and all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     assert "s_cls   3.00   accuracy" in proc.stdout
     assert (out / "grid_scls3.png").exists()
+    # combined with classifier-free guidance, on the DDPM sampler
+    proc = bench(run["dir"], "--num-samples", "4", "--steps", "2", "--scales", "1", "--sampler", "ddpm",
+                 "--cfg-scale", "2")  # fmt: skip
+    assert "classifier-free scale 2" in proc.stdout and "s_cls   1.00   accuracy" in proc.stdout

@@ -48,9 +48,12 @@ def check_bundle_samples(ckpt_path: Path, condition) -> None:
 
 @pytest.mark.parametrize("conditioner", ["class", "text"])
 def test_fast_dev_run(tiny_data, runs, conditioner):
+    """Class conditioning trains from cached latents (encoded once by prepare_data), text on the fly."""
     name = f"diffusion_fdr_{conditioner}"
-    train_diffusion(tiny_data, runs, name, "debug=fdr", f"model/conditioner={conditioner}")
+    cache = "stage.cache_latents=" + str(conditioner == "class").lower()
+    train_diffusion(tiny_data, runs, name, "debug=fdr", f"model/conditioner={conditioner}", cache)
     stage = runs / RUN / name
+    assert (stage / "latents" / "manifest.json").exists() == (conditioner == "class")
     done = json.loads((stage / "DONE").read_text())
     assert {"train/loss", "val/loss", "val/loss_bucket0", "val/loss_bucket9"} <= set(done["metrics"])
     assert sorted(p.name for p in (stage / "samples").glob("*.png")) == ["step1_s1.png", "step1_s3.png"]

@@ -70,7 +70,9 @@ def test_diffuse_draws_t_uniformly_over_all_timesteps():
     # Chi-square goodness of fit against U{0..T-1}: a generator biased by 1/T per bin is rejected.
     assert stats.chisquare(counts).pvalue > 1e-3
     # The test has power: a sampler that never draws t = 0 (e.g. randint(1, T)) fails it.
-    skewed = torch.bincount(torch.randint(1, T, (200_000,), generator=torch.Generator().manual_seed(0)), minlength=T)
+    skewed = torch.bincount(
+        torch.randint(1, T, (200_000,), generator=torch.Generator().manual_seed(0)), minlength=T
+    )
     assert stats.chisquare(skewed.numpy()).pvalue < 1e-6
 
 
@@ -79,7 +81,9 @@ def test_diffuse_matches_the_closed_form_of_q():
     z0 = torch.randn(4096, 2, 2, 2, generator=torch.Generator().manual_seed(1))
     z_t, t, noise = diffuse(schedule, z0, torch.Generator().manual_seed(2))
     # abar_t from the betas by hand, float64 numpy (Ho et al. eq. 4).
-    betas = np.linspace(TINY_SCHEDULE["beta_start"], TINY_SCHEDULE["beta_end"], TINY_SCHEDULE["num_timesteps"])
+    betas = np.linspace(
+        TINY_SCHEDULE["beta_start"], TINY_SCHEDULE["beta_end"], TINY_SCHEDULE["num_timesteps"]
+    )
     abar = torch.from_numpy(np.cumprod(1 - betas))[t].view(-1, 1, 1, 1)
     expected = abar.sqrt() * z0.double() + (1 - abar).sqrt() * noise.double()
     torch.testing.assert_close(z_t, expected.float(), rtol=1e-5, atol=1e-5)
@@ -215,12 +219,16 @@ def test_out_of_range_label_is_an_error_naming_it(upstream):
 
 def test_other_autoencoder_than_diffusion_is_refused(upstream, tmp_path):
     other = write_diffusion(tmp_path / "diff.ckpt", upstream["autoencoder"], "f" * 64)
-    with pytest.raises(StageMismatchError, match=f"weights {upstream['fingerprint'][:12]}.*weights ffffffffffff"):
+    with pytest.raises(
+        StageMismatchError, match=f"weights {upstream['fingerprint'][:12]}.*weights ffffffffffff"
+    ):
         make_module(upstream, diffusion=other)
 
 
 def test_class_count_and_latent_shape_conflicts_are_refused(upstream, tmp_path):
-    other = write_diffusion(tmp_path / "diff.ckpt", upstream["autoencoder"], upstream["fingerprint"], num_classes=7)
+    other = write_diffusion(
+        tmp_path / "diff.ckpt", upstream["autoencoder"], upstream["fingerprint"], num_classes=7
+    )
     with pytest.raises(StageMismatchError, match="10 classes .* trained on 7"):
         make_module(upstream, diffusion=other)
     with pytest.raises(StageMismatchError, match=r"in_channels=3 \(config\) vs 4 \(upstream\)"):
@@ -231,7 +239,9 @@ def test_class_count_and_latent_shape_conflicts_are_refused(upstream, tmp_path):
 
 def test_schedule_and_latent_shape_come_from_the_diffusion_checkpoint(upstream, tmp_path):
     cosine = {**TINY_SCHEDULE, "kind": "cosine", "num_timesteps": 40}
-    other = write_diffusion(tmp_path / "d.ckpt", upstream["autoencoder"], upstream["fingerprint"], schedule=cosine)
+    other = write_diffusion(
+        tmp_path / "d.ckpt", upstream["autoencoder"], upstream["fingerprint"], schedule=cosine
+    )
     module = make_module(upstream, diffusion=other)
     assert module.schedule == NoiseSchedule.from_dict(cosine)
     assert module.net.hparams()["in_channels"] == 4 and module.net.hparams()["latent_size"] == 8
@@ -278,7 +288,9 @@ def test_ema_is_updated_after_each_step_and_exported(upstream):
 def test_without_ema_the_trained_net_is_exported(upstream):
     module = make_module(upstream, use_ema=False)
     assert module.ema is None and module.eval_net is module.net
-    assert state_fingerprint(module.artifacts()["classifier_state_dict"]) == state_fingerprint(module.net.state_dict())
+    assert state_fingerprint(module.artifacts()["classifier_state_dict"]) == state_fingerprint(
+        module.net.state_dict()
+    )
 
 
 def test_linear_anneal_reaches_zero():

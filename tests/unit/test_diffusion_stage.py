@@ -191,7 +191,6 @@ def _loader(n_batches: int) -> DataLoader:
 
 def test_ema_follows_optimizer_steps_and_checkpoint_restores_it_exactly(ae_ckpt, tmp_path):
     import pytorch_lightning as pl
-
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     module = make_module(ae_ckpt, ema_decay=0.9, warmup_steps=1)
@@ -319,3 +318,71 @@ def test_imagenet_experiment_module_instantiates(tmp_path):
     module = instantiate(cfg.stage.module)
     assert module.latent_shape == (3, 64, 64) and module.unet.context_dim == 512
     assert abs(module.unet.num_parameters() / LDM4_PAPER_PARAMS - 1) < 0.10
+
+
+# ------------------------------------------------------------------------------------------ latent cache
+
+
+def _image_dm(tiny_data: Path, **kw):
+    from lightning_modules.latent_cache import LatentCacheDataModule
+
+    return LatentCacheDataModule(data_dir=str(tiny_data / "fashion_mnist"), image_size=32, channels=1, batch_size=16,
+                                 eval_batch_size=64, num_workers=0, shuffle_buffer=16, train_batches_per_epoch=2,
+                                 **kw)  # fmt: skip
+
+
+def test_latent_cache_holds_the_posterior_and_is_reused(tiny_data, ae_ckpt, tmp_path):
+    from datamodules.shards import load_manifest
+    from lightning_modules.artifacts import load_autoencoder
+    from lightning_modules.latent_cache import decode_latent_sample, ensure_latent_cache
+
+    dm = _image_dm(tiny_data)
+    manifest = ensure_latent_cache(tmp_path / "latents", dm, ae_ckpt, progress=False)
+    assert manifest["splits"]["train"]["num_samples"] == dm.num_samples("train") == 256
+    first = sorted((tmp_path / "latents").glob("*.tar"))
+    mtimes = [p.stat().st_mtime_ns for p in first]
+    # cached moments = the autoencoder's posterior (mean, log-variance) of the same image, to fp16 precision
+    import webdataset as wds
+
+    raw = next(iter(wds.WebDataset(str(first[0]), shardshuffle=False, empty_check=False)))
+    cached = decode_latent_sample(raw)
+    image = next(s for s in map(dm.decoder, wds.WebDataset(dm._urls("train")[0], shardshuffle=False))
+                 if s["key"] == cached["key"])  # fmt: skip
+    ae, _, _ = load_autoencoder(ae_ckpt)
+    post = ae.encode(image["image"][None])
+    torch.testing.assert_close(cached["moments"], torch.cat([post.mean, post.logvar], 1)[0], rtol=2e-3, atol=2e-3)
+    assert cached["label"] == image["label"] and cached["caption"] == image["caption"]
+    # same weights and data: reused; other weights: re-encoded
+    ensure_latent_cache(tmp_path / "latents", dm, ae_ckpt, progress=False)
+    assert [p.stat().st_mtime_ns for p in first] == mtimes
+    other = write_autoencoder_ckpt(tmp_path / "other" / "final.ckpt", scale_factor=0.7)
+    with torch.no_grad():  # same architecture, different weights
+        ck = torch.load(other, weights_only=False)
+        ck["autoencoder_state_dict"] = {k: v + 0.01 for k, v in ck["autoencoder_state_dict"].items()}
+        torch.save(ck, other)
+    again = ensure_latent_cache(tmp_path / "latents", dm, other, progress=False)
+    assert again["identity"]["autoencoder_fingerprint"] != manifest["identity"]["autoencoder_fingerprint"]
+    assert load_manifest(tmp_path / "latents") == again
+
+
+def test_training_from_cached_latents(tiny_data, ae_ckpt, tmp_path):
+    import pytorch_lightning as pl
+
+    dm = _image_dm(tiny_data, cache_latents=True, cache_dir=str(tmp_path / "latents"),
+                   autoencoder_checkpoint=str(ae_ckpt))  # fmt: skip
+    module = make_module(ae_ckpt)
+    seen = []
+    encode = module.encode_latents
+
+    def spy(batch, generator=None, sample_posterior=True):
+        seen.append(batch)
+        return encode(batch, generator, sample_posterior)
+
+    module.encode_latents = spy
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    assert (tmp_path / "latents" / "manifest.json").exists() and trainer.global_step == 2
+    train_batches = [b for b in seen if "moments" in b]  # validation still reads images
+    assert len(train_batches) == 2 and all("image" not in b for b in train_batches)
+    assert train_batches[0]["moments"].shape == (16, 8, 8, 8) and train_batches[0]["label"].shape == (16,)
