@@ -65,7 +65,7 @@ from lightning_modules.diffusion import CFGDenoiser, Sampler, classifier_cond_fn
 GUIDANCE_KINDS = ("cfg", "classifier", "both")
 PAIRINGS = ("grid", "paired")
 HASH_KEYS = ("config_hash", "samples_hash", "sweep_hash")
-SETTING_FILES = ("samples.npz", "grid.png", "metrics.json")
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 __all__ = [
     "GuidanceSetting",
@@ -207,7 +207,9 @@ def select_setting(settings: Sequence[GuidanceSetting], index: int) -> GuidanceS
     """settings[index] for `sweep_index=<index>` (e.g. a Slurm array task), with a clear range error."""
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(settings):
         names = ", ".join(f"{i}: {s.name}" for i, s in enumerate(settings))
-        raise ValueError(f"sweep_index={index!r} is out of range: this sweep has {len(settings)} settings ({names})")
+        raise ValueError(
+            f"sweep_index={index!r} is out of range: this sweep has {len(settings)} settings ({names})"
+        )
     return settings[index]
 
 
@@ -245,7 +247,9 @@ def dist_env() -> tuple[int, int, int]:
 # --- checks ----------------------------------------------------------------------------------------
 
 
-def check_eval_feature_net(checkpoint: str | os.PathLike, perceptual_checkpoint: str | os.PathLike | None) -> None:
+def check_eval_feature_net(
+    checkpoint: str | os.PathLike, perceptual_checkpoint: str | os.PathLike | None
+) -> None:
     """Refuse a scoring net that is not the feature_net stage's `eval` role, or that has the weights of
     the perceptual net the autoencoder was trained against (DESIGN.md: the scoring network is never the
     one a model was trained or guided against). Raises StageMismatchError / ValueError naming the files."""
@@ -259,15 +263,19 @@ def check_eval_feature_net(checkpoint: str | os.PathLike, perceptual_checkpoint:
         )
     if perceptual_checkpoint and Path(perceptual_checkpoint).is_file():
         other = load_stage_checkpoint(perceptual_checkpoint, "feature_net", ("feature_net_state_dict",))
-        if state_fingerprint(other["feature_net_state_dict"]) == state_fingerprint(ckpt["feature_net_state_dict"]):
+        if state_fingerprint(other["feature_net_state_dict"]) == state_fingerprint(
+            ckpt["feature_net_state_dict"]
+        ):
             raise ValueError(
                 f"the evaluation feature net {checkpoint} has the same weights as the perceptual net "
-                f"{perceptual_checkpoint}: the scoring network must not be the one the autoencoder was trained "
-                f"against. Train stage feature_net with stage.role=eval (its own seed)."
+                f"{perceptual_checkpoint}: the scoring network must not be the one the autoencoder was "
+                f"trained against. Train stage feature_net with stage.role=eval (its own seed)."
             )
 
 
-def check_data_compatible(diffusion: DiffusionBundle, channels: int, image_size: int, num_classes: int) -> None:
+def check_data_compatible(
+    diffusion: DiffusionBundle, channels: int, image_size: int, num_classes: int
+) -> None:
     """Refuse a diffusion model whose decoded samples cannot be compared with the data's real images:
     decoded (C, H, W) = (autoencoder out channels, latent h * f, latent w * f) must be the data's shape,
     the latent channels the autoencoder's, and the classes the data's."""
@@ -276,14 +284,18 @@ def check_data_compatible(diffusion: DiffusionBundle, channels: int, image_size:
     decoded = (ae.hparams()["out_channels"], h * ae.downsample_factor, w * ae.downsample_factor)
     where = f"diffusion checkpoint {diffusion.path}"
     if z_channels != ae.z_channels:
-        raise StageMismatchError(f"{where}: latents have {z_channels} channels, its autoencoder {ae.z_channels}")
+        raise StageMismatchError(
+            f"{where}: latents have {z_channels} channels, its autoencoder {ae.z_channels}"
+        )
     if decoded != (channels, image_size, image_size):
         raise StageMismatchError(
-            f"{where}: decoded samples are {decoded} (C, H, W), but the data (data.channels, data.image_size) are "
-            f"{(channels, image_size, image_size)}: FID against these real images would be meaningless"
+            f"{where}: decoded samples are {decoded} (C, H, W), but the data (data.channels, "
+            f"data.image_size) are {(channels, image_size, image_size)}: FID against them is meaningless"
         )
     if diffusion.num_classes != num_classes:
-        raise StageMismatchError(f"{where}: {diffusion.num_classes} classes, the data (data.num_classes) {num_classes}")
+        raise StageMismatchError(
+            f"{where}: {diffusion.num_classes} classes, the data (data.num_classes) {num_classes}"
+        )
 
 
 # --- generation ------------------------------------------------------------------------------------
@@ -303,6 +315,8 @@ class SampleGenerator:
         classifier: the noisy-latent classifier, needed by settings with s_cls != 0.
         class_names: for text conditioners: captions are `caption_template.format(class_name)`.
         device: where sampling runs.
+        dtype: "fp32", or "bf16"/"fp16" autocast for the U-Net and classifier calls (the latent state,
+            the sampler arithmetic and decoding stay float32).
         progress_steps: a progress bar over the sampling steps of every batch.
     """
 
@@ -314,9 +328,13 @@ class SampleGenerator:
         class_names: Sequence[str] | None = None,
         caption_template: str = "a photo of a {}",
         device: str | torch.device = "cpu",
+        dtype: str = "fp32",
         progress_steps: bool = False,
     ) -> None:
+        if dtype not in AUTOCAST_DTYPES:
+            raise ValueError(f"sampling_dtype must be one of {list(AUTOCAST_DTYPES)}, got {dtype!r}")
         self.diffusion = diffusion
+        self.dtype = dtype
         self.sampler = sampler
         self.classifier = classifier
         self.class_names = list(class_names) if class_names is not None else None
@@ -330,7 +348,8 @@ class SampleGenerator:
 
     def describe(self) -> dict[str, Any]:
         """Sampler columns of a results row."""
-        return {"sampler": type(self.sampler).__name__, "num_steps": getattr(self.sampler, "num_steps", None)}
+        return {"sampler": type(self.sampler).__name__, "num_steps": getattr(self.sampler, "num_steps", None),
+                "dtype": self.dtype}  # fmt: skip
 
     @property
     def text_conditioned(self) -> bool:
@@ -348,6 +367,7 @@ class SampleGenerator:
                 "prediction_type": d.prediction_type,
                 "scale_factor": d.scale_factor,
                 "sampler": _sampler_description(self.sampler),
+                "dtype": self.dtype,
                 "captions": self.caption_template if self.text_conditioned else None,
                 "classifier": state_fingerprint(self.classifier.state_dict()) if self.classifier else None,
             }
@@ -364,7 +384,7 @@ class SampleGenerator:
         return [self.caption_template.format(names[int(y)]) for y in labels]
 
     def negative_condition(self, negative: int | str) -> Any:
-        """A batch-1 negative condition: a class index (or class name) for class conditioners, else a prompt."""
+        """A batch-1 negative condition: a class index (or name) for class conditioners, else a prompt."""
         if self.text_conditioned:
             return [str(negative)]
         if isinstance(negative, str) and self.class_names and negative in self.class_names:
@@ -386,7 +406,9 @@ class SampleGenerator:
         conditioner = self.diffusion.conditioner
         null = conditioner.null_condition(1)
         cond = self._context(self.condition(labels) if setting.conditional else null)
-        uncond = self._context(null if setting.negative is None else self.negative_condition(setting.negative))
+        uncond = self._context(
+            null if setting.negative is None else self.negative_condition(setting.negative)
+        )
         return CFGDenoiser(self.diffusion.unet, *cond, *uncond, scale=setting.cfg_scale,
                            rescale_phi=setting.rescale_phi)  # fmt: skip
 
@@ -398,10 +420,12 @@ class SampleGenerator:
         y = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=self.device)
         cond_fn = classifier_cond_fn(self.classifier, y, setting.cls_scale) if setting.cls_scale else None
         d = self.diffusion
-        z = sample(self.denoiser(setting, y), (len(y), *d.latent_shape), d.schedule, self.sampler,
-                   prediction_type=d.prediction_type, seeds=list(seeds), cond_fn=cond_fn,
-                   progress=self.progress_steps, device=self.device)  # fmt: skip
-        x = d.autoencoder.decode(z / d.scale_factor).clamp(-1.0, 1.0)
+        dtype = AUTOCAST_DTYPES[self.dtype]
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            z = sample(self.denoiser(setting, y), (len(y), *d.latent_shape), d.schedule, self.sampler,
+                       prediction_type=d.prediction_type, seeds=list(seeds), cond_fn=cond_fn,
+                       progress=self.progress_steps, device=self.device)  # fmt: skip
+        x = d.autoencoder.decode(z.float() / d.scale_factor).clamp(-1.0, 1.0)
         return to_uint8_nchw(x).permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -449,7 +473,9 @@ def _class_grid(
     classes = np.unique(labels)
     per_class = max(1, min(per_class, min(int((labels == c).sum()) for c in classes)))
     picks = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes])
-    names = [class_names[int(c)] if class_names and int(c) < len(class_names) else str(int(c)) for c in classes]
+    names = [
+        class_names[int(c)] if class_names and int(c) < len(class_names) else str(int(c)) for c in classes
+    ]
     captions = [names[i // per_class] if i % per_class == 0 else "" for i in range(len(picks))]
     return make_grid_png(images[picks], nrow=per_class, path=path, labels=captions)
 
@@ -488,7 +514,8 @@ class Scorer:
         return self._fingerprint
 
     def __call__(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
-        """images uint8 (N, H, W, C), labels (N,) -> {fid, is_mean, is_std, precision, recall, [kid_*], class_accuracy}."""
+        """images uint8 (N, H, W, C), labels (N,) -> {fid, is_mean, is_std, precision, recall,
+        [kid_mean, kid_std], class_accuracy}."""
         feats = extract_features(self.extractor, images, batch_size=self.batch_size)
         fake_mu, fake_sigma = feature_statistics(feats["pooled"])
         fid = frechet_distance(self.reference["mu"], self.reference["sigma"], fake_mu, fake_sigma)
@@ -541,7 +568,11 @@ class SweepJob:
 
     # hashes: samples depend on the generator and the setting; metrics also on the scorer.
     def _generation_common(self) -> dict[str, Any]:
-        return {"num_samples": self.num_samples, "num_classes": self.num_classes, "sample_seed": self.sample_seed}
+        return {
+            "num_samples": self.num_samples,
+            "num_classes": self.num_classes,
+            "sample_seed": self.sample_seed,
+        }
 
     def samples_hash(self, setting: GuidanceSetting) -> str:
         return _hash({**self._generation_common(), "setting": setting.as_row(),
@@ -553,7 +584,9 @@ class SweepJob:
     def sweep_hash(self) -> str:
         """Everything but the settings themselves: rows with this hash belong in one report."""
         generator = self.generator.fingerprint(GuidanceSetting("cfg"))
-        return _hash({**self._generation_common(), "generator": generator, "scorer": self.scorer.fingerprint()})
+        return _hash(
+            {**self._generation_common(), "generator": generator, "scorer": self.scorer.fingerprint()}
+        )
 
     def run(self) -> list[dict[str, Any]]:
         """All settings, with a progress bar; returns the metrics of each on rank 0 ([] elsewhere)."""
@@ -562,7 +595,10 @@ class SweepJob:
         for setting in bar:
             bar.set_postfix_str(setting.name)
             status, metrics = self.run_setting(setting)
-            self.log(f"[evaluate] {setting.name}: {status}" + (f" -> {self.out_dir / setting.name}" if metrics else ""))
+            self.log(
+                f"[evaluate] {setting.name}: {status}"
+                + (f" -> {self.out_dir / setting.name}" if metrics else "")
+            )
             if metrics is not None:
                 rows.append(metrics)
         return rows
@@ -593,7 +629,9 @@ class SweepJob:
         parts = setting_dir / "parts"
         batches = batch_ranges(self.num_samples, self.batch_size)
         mine = batches[self.rank :: self.world]
-        bar = tqdm(mine, desc=f"{setting.name}: sampling", unit="batch", leave=False, disable=not self.progress)
+        bar = tqdm(
+            mine, desc=f"{setting.name}: sampling", unit="batch", leave=False, disable=not self.progress
+        )
         for r in bar:
             path = parts / f"{r.start:07d}-{r.stop:07d}.npz"
             if _npz_hash(path) == samples_hash:  # a batch finished before an interruption (same content)
@@ -611,8 +649,8 @@ class SweepJob:
         while missing := [p for p in paths if _npz_hash(p) != samples_hash]:
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"rank 0 waited {self.gather_timeout_s:.0f} s for the other ranks' samples; still missing "
-                    f"{len(missing)} parts, e.g. {missing[0]} (did a rank die? re-run to resume)"
+                    f"rank 0 waited {self.gather_timeout_s:.0f} s for the other ranks' samples; still "
+                    f"missing {len(missing)} parts, e.g. {missing[0]} (did a rank die? re-run to resume)"
                 )
             time.sleep(self.poll_s)
         images, labels = [], []
@@ -638,8 +676,8 @@ class SweepJob:
         metrics = {
             **setting.as_row(), **metrics, "num_samples": int(len(images)), **self.generator.describe(),
             "sampling_seconds": sampling_seconds, "scoring_seconds": time.perf_counter() - start,
-            "grid": str(Path(setting.name) / "grid.png"),
-            "config_hash": self.metrics_hash(setting), "samples_hash": samples_hash, "sweep_hash": self.sweep_hash(),
+            "grid": str(Path(setting.name) / "grid.png"), "config_hash": self.metrics_hash(setting),
+            "samples_hash": samples_hash, "sweep_hash": self.sweep_hash(),
         }  # fmt: skip
         atomic_write_text(setting_dir / "metrics.json", json.dumps(_jsonable(metrics), indent=2) + "\n")
         return metrics
@@ -689,7 +727,11 @@ def real_image_batches(datamodule: Any, split: str, world: int = 1) -> Iterator[
 
 
 def _sort_key(row: Mapping[str, Any]) -> tuple:
-    kind = GUIDANCE_KINDS.index(row["guidance"]) if row.get("guidance") in GUIDANCE_KINDS else len(GUIDANCE_KINDS)
+    kind = (
+        GUIDANCE_KINDS.index(row["guidance"])
+        if row.get("guidance") in GUIDANCE_KINDS
+        else len(GUIDANCE_KINDS)
+    )
     return (kind, row.get("cls_scale") or 0.0, row.get("cfg_scale") or 0.0, str(row.get("setting")))
 
 
@@ -746,7 +788,9 @@ def write_sweep_report(
     csv_path, json_path = write_results(table, out_dir)
     x_key, group_key = _axes(table)
     plots = plot_sweep(table, x_key, out_dir / "plots", group_key=group_key) if table else {}
-    grids = {row["setting"]: out_dir / row["grid"] for row in table if (out_dir / str(row.get("grid"))).is_file()}
+    grids = {
+        row["setting"]: out_dir / row["grid"] for row in table if (out_dir / str(row.get("grid"))).is_file()
+    }
     best = best_row(table, "fid")
     meta = {**meta, "best setting (FID)": best["setting"] if best else None, "machine": describe_machine()}
     report = write_report(table, plots, grids, out_dir / "report.md", title=title, meta=meta)
@@ -777,14 +821,20 @@ def log_to_wandb(
     try:
         table_rows = [{k: v for k, v in row.items() if k not in HASH_KEYS} for row in rows]
         columns = list(dict.fromkeys(k for row in table_rows for k in row))
-        table = wandb.Table(columns=columns, data=[[_wandb_cell(row.get(c)) for c in columns] for row in table_rows])
+        table = wandb.Table(
+            columns=columns, data=[[_wandb_cell(row.get(c)) for c in columns] for row in table_rows]
+        )
         logs: dict[str, Any] = {"eval/results": table}
         x_key = outputs.get("x_key", "cfg_scale")
         for metric in ("fid", "is_mean", "precision", "recall", "class_accuracy"):
             if x_key in columns and metric in columns:
-                logs[f"eval/{metric}_vs_{x_key}"] = wandb.plot.line(table, x_key, metric, title=f"{metric} vs {x_key}")
+                logs[f"eval/{metric}_vs_{x_key}"] = wandb.plot.line(
+                    table, x_key, metric, title=f"{metric} vs {x_key}"
+                )
         logs |= {f"eval/plots/{k}": wandb.Image(str(p)) for k, p in outputs.get("plots", {}).items()}
-        logs |= {f"eval/grids/{k}": wandb.Image(str(p), caption=k) for k, p in outputs.get("grids", {}).items()}
+        logs |= {
+            f"eval/grids/{k}": wandb.Image(str(p), caption=k) for k, p in outputs.get("grids", {}).items()
+        }
         run.log(logs)
         best = best_row(table_rows, "fid")
         if best is not None:

@@ -122,10 +122,10 @@ def check_data_fits(
             f"(model.autoencoder.ch_mult={autoencoder.hparams()['ch_mult']}, f = 2 ** (len(ch_mult) - 1)); "
             "change data.image_size or model.autoencoder.ch_mult"
         )
-    d_in = discriminator.main[0].in_channels
+    d_in = next(m for m in discriminator.modules() if isinstance(m, nn.Conv2d)).in_channels
     if channels != d_in:
         raise ValueError(f"data.channels={channels} but model.discriminator.in_channels={d_in}: they must match")
-    if discriminator.output_size(image_size) < 1:
+    if hasattr(discriminator, "output_size") and discriminator.output_size(image_size) < 1:
         raise ValueError(
             f"data.image_size={image_size} is too small for model.discriminator.n_layers={discriminator.n_layers}"
         )

@@ -1,5 +1,7 @@
-"""`python -m pipeline.evaluate [guidance=cfg|classifier|both] [sampler=...] [sweep_index=i] [report_only=true]`:
-a guidance sweep scored with FID / IS / precision-recall / class accuracy (logic in `eval/sweep.py`)."""
+"""`python -m pipeline.evaluate [guidance=cfg|classifier|both] [sweep_index=i] [report_only=true] ...`
+
+A guidance sweep scored with FID / IS / precision-recall / class accuracy; the logic is `eval/sweep.py`.
+"""
 
 from __future__ import annotations
 
@@ -42,49 +44,67 @@ def build_job(cfg: DictConfig, rank: int, world: int, local_rank: int) -> SweepJ
         settings = [select_setting(settings, cfg.sweep_index)]
     needs_classifier = any(s.cls_scale for s in settings)
     if needs_classifier and not g.classifier_checkpoint:
-        raise ValueError("classifier guidance (s_cls != 0) needs guidance.classifier_checkpoint=<classifier final.ckpt>")
-    device = cfg.device if cfg.device != "auto" else (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        raise ValueError("classifier guidance (s_cls != 0) needs guidance.classifier_checkpoint=<final.ckpt>")
+    device = cfg.device
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     diffusion = load_diffusion(cfg.checkpoints.diffusion, cfg.checkpoints.autoencoder)
     classifier = load_classifier(g.classifier_checkpoint, diffusion=diffusion) if needs_classifier else None
-    datamodule = instantiate(cfg.data.datamodule)
-    check_data_compatible(diffusion, datamodule.channels, datamodule.image_size, datamodule.num_classes)
+    dm = instantiate(cfg.data.datamodule)
+    check_data_compatible(diffusion, dm.channels, dm.image_size, dm.num_classes)
     if cfg.model.features.get("checkpoint_path"):
         check_eval_feature_net(cfg.model.features.checkpoint_path, cfg.perceptual_feature_net)
     extractor = instantiate(cfg.model.features).to(device)
     check_sample_count(cfg.num_samples, extractor.feature_dim)
-    check_sample_count(datamodule.num_samples(cfg.reference.split), extractor.feature_dim)
-    scorer = None
-    if rank == 0:
-        data_hash = manifest_hash(datamodule.manifest)
-        reference = reference_statistics(extractor, real_image_batches(datamodule, cfg.reference.split, world),
-                                         cfg.reference.cache_dir, data_hash, cfg.metrics.feature_batch_size,
-                                         progress=cfg.progress)  # fmt: skip
-        scorer = Scorer(extractor, reference, data_hash, diffusion.num_classes, cfg.metrics.is_splits,
-                        cfg.metrics.pr_k, cfg.metrics.kid, cfg.metrics.kid_subset_size,
-                        cfg.metrics.feature_batch_size, device)  # fmt: skip
-    generator = SampleGenerator(diffusion, instantiate(cfg.sampler), classifier, datamodule.class_names,
-                                g.caption_template, device, cfg.progress_steps)  # fmt: skip
-    return SweepJob(Path(cfg.sweep_dir), settings, generator, scorer, cfg.num_samples, diffusion.num_classes,
-                    cfg.batch_size, cfg.sample_seed, datamodule.class_names, cfg.grid_per_class, rank, world,
-                    cfg.distributed.gather_timeout_s, cfg.distributed.poll_s, cfg.progress, cfg.force)  # fmt: skip
+    check_sample_count(dm.num_samples(cfg.reference.split), extractor.feature_dim)
+    generator = SampleGenerator(
+        diffusion, instantiate(cfg.sampler), classifier=classifier, class_names=dm.class_names,
+        caption_template=g.caption_template, device=device, dtype=cfg.sampling_dtype,
+        progress_steps=cfg.progress_steps,
+    )  # fmt: skip
+    return SweepJob(
+        out_dir=Path(cfg.sweep_dir), settings=settings, generator=generator,
+        scorer=build_scorer(cfg, extractor, dm, diffusion.num_classes, world, device) if rank == 0 else None,
+        num_samples=cfg.num_samples, num_classes=diffusion.num_classes, batch_size=cfg.batch_size,
+        sample_seed=cfg.sample_seed, class_names=dm.class_names, grid_per_class=cfg.grid_per_class,
+        rank=rank, world=world, gather_timeout_s=cfg.distributed.gather_timeout_s,
+        poll_s=cfg.distributed.poll_s, progress=cfg.progress, force=cfg.force,
+    )  # fmt: skip
+
+
+def build_scorer(cfg: DictConfig, extractor, datamodule, num_classes: int, world: int, device: str) -> Scorer:
+    """The scorer with the real split's reference statistics (computed once, cached by manifest + weights)."""
+    data_hash = manifest_hash(datamodule.manifest)
+    real = real_image_batches(datamodule, cfg.reference.split, world)
+    m = cfg.metrics
+    reference = reference_statistics(
+        extractor, real, cfg.reference.cache_dir, data_hash, m.feature_batch_size, progress=cfg.progress
+    )
+    return Scorer(
+        extractor, reference, data_hash, num_classes, is_splits=m.is_splits, pr_k=m.pr_k, kid=m.kid,
+        kid_subset_size=m.kid_subset_size, batch_size=m.feature_batch_size, device=device,
+    )  # fmt: skip
 
 
 def log_wandb(cfg: DictConfig, rows: list[dict], outputs: dict) -> None:
+    """Log to W&B when `logger` has a wandb entry; offline without an API key (as the training stages)."""
     lcfg = (cfg.get("logger") or {}).get("wandb")
     if lcfg is None:
         return
     from pipeline.builders import wandb_run_id
 
     offline = not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "online"
-    run_dir = log_to_wandb(rows, outputs, cfg.paths.run_dir, wandb_run_id(cfg.paths.run_dir, f"eval/{cfg.sweep_name}", ""),
-                           lcfg.project, lcfg.group, f"{cfg.run_name}-eval-{cfg.sweep_name}", lcfg.entity,
-                           list(lcfg.tags or []), scrub_secrets(OmegaConf.to_container(cfg, resolve=True)),
-                           offline)  # fmt: skip
+    run_id = wandb_run_id(cfg.paths.run_dir, f"eval/{cfg.sweep_name}", "")  # a re-run continues this run
+    run_dir = log_to_wandb(
+        rows, outputs, run_dir=cfg.paths.run_dir, run_id=run_id, project=lcfg.project, group=lcfg.group,
+        name=f"{cfg.run_name}-eval-{cfg.sweep_name}", entity=lcfg.entity, tags=list(lcfg.tags or []),
+        config=scrub_secrets(OmegaConf.to_container(cfg, resolve=True)), offline=offline,
+    )  # fmt: skip
     print(f"[evaluate] W&B ({'offline' if offline else 'online'}): {run_dir}")
 
 
 def evaluate(cfg: DictConfig) -> list[dict]:
-    """Run (or with report_only, merge) the sweep; rank 0 writes results and report.md and returns the rows."""
+    """Run (or with report_only, merge) the sweep; rank 0 writes results + report.md and returns the rows."""
     start = time.time()
     sweep_dir = Path(cfg.sweep_dir)
     rank, world, local_rank = dist_env()

@@ -20,7 +20,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory) -> Path:
-    """A runs dir whose default run holds tiny autoencoder, diffusion, classifier and eval feature-net checkpoints."""
+    """A runs dir whose default run holds tiny autoencoder, diffusion, classifier, eval feature-net ckpts."""
     runs = tmp_path_factory.mktemp("runs")
     paths = tiny.write_upstream_run(runs / "default" / "fashion_mnist")
     tiny.write_classifier(runs / "default" / "fashion_mnist" / "classifier" / "checkpoints" / "final.ckpt",
@@ -58,7 +58,9 @@ def test_cfg_sweep_writes_every_artifact_and_rerun_skips(tiny_data, runs, cfg_sw
     for plot in ("fid", "inception_score", "precision_recall", "fid_vs_is", "class_accuracy"):
         assert (sweep / "plots" / f"{plot}.png").read_bytes().startswith(PNG), plot
     report = (sweep / "report.md").read_text()
-    assert "](plots/fid.png)" in report and "](cfg_s3/grid.png)" in report and "DDIMSampler, 3 steps" in report
+    assert (
+        "](plots/fid.png)" in report and "](cfg_s3/grid.png)" in report and "DDIMSampler, 3 steps" in report
+    )
     assert "report: " in cfg_sweep.stdout and "cfg_s3" in cfg_sweep.stdout.split("report: ")[0]
     assert not list(sweep.rglob("*.tmp")) and not list(sweep.rglob("parts"))
 
@@ -82,7 +84,10 @@ def test_classifier_and_both_sweeps(tiny_data, runs):
     run_cli("pipeline.evaluate", "-m", *tiny_overrides(tiny_data, runs), *SMALL, "guidance=classifier,both",
             "guidance.scales=[2]", "guidance.classifier_scales=[0,2]")  # fmt: skip
     rows = json.loads((eval_dir(runs, "classifier") / "results.json").read_text())
-    assert [(r["setting"], r["cfg_scale"], r["cls_scale"]) for r in rows] == [("cls_s0", None, 0), ("cls_s2", None, 2)]
+    assert [(r["setting"], r["cfg_scale"], r["cls_scale"]) for r in rows] == [
+        ("cls_s0", None, 0),
+        ("cls_s2", None, 2),
+    ]
     rows = json.loads((eval_dir(runs, "both") / "results.json").read_text())
     assert [r["setting"] for r in rows] == ["both_s2_c0", "both_s2_c2"]
     assert all(0 <= r["class_accuracy"] <= 1 for r in rows)
@@ -105,14 +110,24 @@ def test_two_ranks_split_the_samples_and_match_one_process(tiny_data, runs, cfg_
     procs = []
     for rank in (1, 0):
         env = cli_env() | {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline.evaluate", *common, "sweep_name=two_ranks"],
-                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "pipeline.evaluate", *common, "sweep_name=two_ranks"],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=600) for p in procs]
     for proc, (_, stderr) in zip(procs, outputs):
         assert proc.returncode == 0, stderr[-4000:]
     assert "cfg_s3: sampled" in outputs[0][0] and "report:" not in outputs[0][0]  # rank 1 only samples
     # the single-process sweep (batch 20) drew the same samples
-    two, one = (np.load(eval_dir(runs, name) / "cfg_s3" / "samples.npz")["arr_0"] for name in ("two_ranks", "cfg"))
+    two, one = (
+        np.load(eval_dir(runs, name) / "cfg_s3" / "samples.npz")["arr_0"] for name in ("two_ranks", "cfg")
+    )
     np.testing.assert_array_equal(two, one)
     fids = [json.loads((eval_dir(runs, name) / "cfg_s3" / "metrics.json").read_text())["fid"]
             for name in ("two_ranks", "cfg")]  # fmt: skip

@@ -1,4 +1,4 @@
-"""The guidance-sweep job: settings, labels, seeds, rank split, resume/skip logic, bad input before sampling."""
+"""The guidance-sweep job: settings, labels, seeds, rank split, resume and skip, bad input before sampling."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from eval import sweep
 from eval.sweep import (
@@ -23,6 +24,7 @@ from eval.sweep import (
     dist_env,
     expand_settings,
     load_samples,
+    real_image_batches,
     sample_seeds,
     select_setting,
 )
@@ -44,7 +46,9 @@ def test_cfg_settings_default_scales():
 
 
 def test_classifier_settings_sample_unconditionally():
-    settings = expand_settings("classifier", scales=[4], classifier_scales=[0, 1, 3, 10], rescale_phi=0.7, negative=2)
+    settings = expand_settings(
+        "classifier", scales=[4], classifier_scales=[0, 1, 3, 10], rescale_phi=0.7, negative=2
+    )
     assert [s.name for s in settings] == ["cls_s0", "cls_s1", "cls_s3", "cls_s10"]
     for s in settings:
         # no classifier-free guidance at all: one pass with the null condition, no rescale, no negative
@@ -70,9 +74,15 @@ def test_rescale_and_negative_make_distinct_names():
 
 @pytest.mark.parametrize(
     "scales,match",
-    [([], "guidance.scales is empty"), (None, "must be a list"), ("1,3", "must be a list"),
-     (["a"], "'a' .* is not a number"), ([1, "x"], "is not a number"), ([True], "is not a number"),
-     ([float("nan")], "finite")],  # fmt: skip
+    [
+        ([], "guidance.scales is empty"),
+        (None, "must be a list"),
+        ("1,3", "must be a list"),
+        (["a"], "'a' .* is not a number"),
+        ([1, "x"], "is not a number"),
+        ([True], "is not a number"),
+        ([float("nan")], "finite"),
+    ],  # fmt: skip
 )
 def test_bad_scale_lists_name_the_key(scales, match):
     with pytest.raises(ValueError, match=match):
@@ -89,7 +99,9 @@ def test_bad_kind_and_classifier_scales():
 def test_select_setting_range():
     settings = expand_settings("cfg", [1, 3])
     assert select_setting(settings, 1).name == "cfg_s3"
-    with pytest.raises(ValueError, match=r"sweep_index=2 is out of range: this sweep has 2 settings \(0: cfg_s1"):
+    with pytest.raises(
+        ValueError, match=r"sweep_index=2 is out of range: this sweep has 2 settings \(0: cfg_s1"
+    ):
         select_setting(settings, 2)
 
 
@@ -112,7 +124,15 @@ def test_seeds_and_rank_split_cover_every_index_once():
 
 
 def test_dist_env(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_LOCALID"):
+    for var in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "SLURM_STEP_ID",
+        "SLURM_LOCALID",
+    ):
         monkeypatch.delenv(var, raising=False)
     assert dist_env() == (0, 1, 0)
     monkeypatch.setenv("SLURM_NTASKS", "4")
@@ -125,6 +145,18 @@ def test_dist_env(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert dist_env() == (1, 2, 0)
+
+
+def test_reference_images_are_the_whole_split_on_any_rank(tiny_data, monkeypatch):
+    from datamodules.webdata import WebDataModule
+
+    dm = WebDataModule(data_dir=str(tiny_data / "fashion_mnist"), num_workers=0, eval_batch_size=50)
+    single = torch.cat(list(real_image_batches(dm, "test")))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert sum(len(b["image"]) for b in dm.eval_dataloader("test")) < len(single)  # webdataset splits by rank
+    whole = torch.cat(list(real_image_batches(dm, "test", world=2)))
+    assert len(single) == dm.num_samples("test") and torch.equal(whole, single)
 
 
 # --- generation with real (tiny) models ------------------------------------------------------------
@@ -150,7 +182,9 @@ def tiny_diffusion(tmp_path_factory):
     paths = tiny.write_upstream_run(run)
     bundle = load_diffusion(paths["diffusion"])
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # the U-Net's output conv is zero-initialised: give it weights so the condition matters
+    with (
+        torch.no_grad()
+    ):  # the U-Net's output conv is zero-initialised: give it weights so the condition matters
         for p in bundle.unet.parameters():
             if not p.any():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
@@ -158,10 +192,12 @@ def tiny_diffusion(tmp_path_factory):
 
 
 def _job(out_dir, generator, batch_size, n=8, settings=None, rank=0, world=1, scorer=None, **kw) -> SweepJob:
-    return SweepJob(out_dir=out_dir, settings=settings or [GuidanceSetting("cfg", cfg_scale=3.0)],
-                    generator=generator, scorer=scorer if rank == 0 else None, num_samples=n,
-                    num_classes=tiny.NUM_CLASSES, batch_size=batch_size, sample_seed=11, rank=rank, world=world,
-                    progress=False, poll_s=0.01, gather_timeout_s=60, log=lambda _: None, **kw)  # fmt: skip
+    return SweepJob(
+        out_dir=out_dir, settings=settings or [GuidanceSetting("cfg", cfg_scale=3.0)], generator=generator,
+        scorer=scorer if rank == 0 else None, num_samples=n, num_classes=tiny.NUM_CLASSES,
+        batch_size=batch_size, sample_seed=11, rank=rank, world=world, progress=False, poll_s=0.01,
+        gather_timeout_s=60, log=lambda _: None, **kw,
+    )  # fmt: skip
 
 
 def test_samples_do_not_depend_on_batch_size_or_rank_split(tiny_diffusion, tmp_path):
@@ -255,9 +291,9 @@ def test_finished_settings_are_skipped_and_interrupted_ones_resume(tmp_path):
     assert gen.batches == 8 and new_scorer.calls == 1
 
     # another generator (e.g. a retrained model): sampled again
-    assert _job(tmp_path, CountingGenerator("g2"), 5, 10, settings, scorer=scorer).run_setting(settings[1])[0] == (
-        "sampled+scored"
-    )
+    assert _job(tmp_path, CountingGenerator("g2"), 5, 10, settings, scorer=scorer).run_setting(settings[1])[
+        0
+    ] == ("sampled+scored")
 
 
 def test_killed_sampling_resumes_from_finished_batches(tmp_path):
@@ -303,8 +339,8 @@ def run_dir(tmp_path) -> Path:
 def _compose(tiny_data, run_dir: Path, *overrides: str):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("evaluate", [f"paths.data_dir={tiny_data}", f"paths.runs_dir={run_dir.parents[1]}",
-                                    "logger=none", "num_samples=40", "progress=false", *overrides])  # fmt: skip
+        base = [f"paths.data_dir={tiny_data}", f"paths.runs_dir={run_dir.parents[1]}", "logger=none"]
+        return compose("evaluate", [*base, "num_samples=40", "progress=false", *overrides])
 
 
 @pytest.fixture
@@ -326,19 +362,22 @@ def _bad_inputs(run_dir: Path) -> dict[str, tuple[list[str], type, str]]:
     tiny.write_feature_net(ckpts / "perceptual.ckpt", role="perceptual")
     tiny.write_feature_net(run_dir / "feature_net_perceptual" / "checkpoints" / "final.ckpt", role="eval")
     ae = str(run_dir / "autoencoder" / "checkpoints" / "final.ckpt")
+    features = "model.features.checkpoint_path"
     return {
-        "wrong stage": ([f"checkpoints.diffusion={ae}"], StageMismatchError, "stage 'autoencoder', expected stage 'diffusion'"),
+        "wrong stage": ([f"checkpoints.diffusion={ae}"], StageMismatchError,
+                        "stage 'autoencoder', expected stage 'diffusion'"),
         "other autoencoder": ([f"checkpoints.autoencoder={other_ae}"], StageMismatchError, "is not the one"),
-        "classifier mismatch": (["guidance=classifier", f"guidance.classifier_checkpoint={ckpts / 'clf_schedule.ckpt'}"],
+        "classifier mismatch": (["guidance=classifier",
+                                 f"guidance.classifier_checkpoint={ckpts / 'clf_schedule.ckpt'}"],
                                 StageMismatchError, "noise schedule"),
         "empty scales": (["guidance.scales=[]"], ValueError, "guidance.scales is empty"),
         "non-numeric scales": (["guidance.scales=[1,high]"], ValueError, "'high' .* is not a number"),
         "too few samples": (["num_samples=10"], ValueError, "FID needs more samples"),
         "no classifier": (["guidance=both", "guidance.classifier_checkpoint=null"], ValueError,
                           "guidance.classifier_checkpoint"),
-        "perceptual role": ([f"model.features.checkpoint_path={ckpts / 'perceptual.ckpt'}"], ValueError, "role 'perceptual'"),
+        "perceptual role": ([f"{features}={ckpts / 'perceptual.ckpt'}"], ValueError, "role 'perceptual'"),
         "perceptual weights": ([], ValueError, "same weights as the perceptual net"),
-        "features of another stage": ([f"model.features.checkpoint_path={ae}"], StageMismatchError, "stage 'autoencoder'"),
+        "features of another stage": ([f"{features}={ae}"], StageMismatchError, "stage 'autoencoder'"),
         "image size": (["data.image_size=64"], StageMismatchError, "decoded samples are"),
         "sweep index": (["sweep_index=6"], ValueError, "sweep_index=6 is out of range"),
     }  # fmt: skip
@@ -354,3 +393,38 @@ def test_bad_input_is_refused_before_sampling(tiny_data, run_dir, no_sampling):
         with pytest.raises(error, match=match):
             evaluate(cfg)
         assert not list((run_dir / "eval").glob("*/*/samples.npz")), case
+
+
+def test_bf16_autocast_sampling_is_close_to_fp32_and_hashed_apart(tiny_diffusion):
+    setting, labels, seeds = GuidanceSetting("cfg", cfg_scale=3.0), np.arange(4), [0, 1, 2, 3]
+    fp32, bf16 = (
+        SampleGenerator(tiny_diffusion, DDIMSampler(num_steps=3), dtype=d) for d in ("fp32", "bf16")
+    )
+    diff = np.abs(fp32(setting, labels, seeds).astype(int) - bf16(setting, labels, seeds).astype(int))
+    assert diff.mean() < 2.0
+    assert fp32.fingerprint(setting) != bf16.fingerprint(setting)
+    with pytest.raises(ValueError, match="sampling_dtype"):
+        SampleGenerator(tiny_diffusion, DDIMSampler(num_steps=3), dtype="int8")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["guidance=classifier"],
+        ["guidance=both"],
+        ["budget=quick"],
+        ["model/features=inception"],
+        ["sampler=ddpm"],
+        ["logger=wandb"],
+        ["logger=csv"],
+    ],  # fmt: skip
+)
+def test_evaluate_config_options_compose(overrides, tmp_path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["sweep_dir"].endswith(f"eval/{resolved['guidance']['name']}")
+    assert expand_settings(cfg.guidance.kind, cfg.guidance.scales, cfg.guidance.classifier_scales,
+                           cfg.guidance.pairing)  # fmt: skip
