@@ -120,6 +120,8 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     elif rank != 0:
         return []
     rows = collect_rows(sweep_dir, sweep_hash)
+    if not rows:
+        print(f"[evaluate] no finished settings in {sweep_dir}")
     meta = {"dataset": cfg.data.name, "sweep": str(sweep_dir), "guidance": cfg.guidance.kind,
             "samples per setting": ", ".join(sorted({str(r.get("num_samples")) for r in rows})),
             "sampler": ", ".join(sorted({f"{r.get('sampler')}, {r.get('num_steps')} steps" for r in rows})),

@@ -81,9 +81,16 @@ def test_ddp_cpu_two_processes(tiny_data, runs):
 
 
 def test_resume_restores_ema_exactly(tiny_data, runs):
-    args = ("debug=limit", "stage.module.sample_every_n_steps=0")
+    pytest.importorskip("wandb")
+    args = ("debug=limit", "stage.module.sample_every_n_steps=0", "logger=wandb")
     train_diffusion(tiny_data, runs, "diffusion_resume", *args)
     stage = runs / RUN / "diffusion_resume"
+    # the end-of-training grids went to W&B (offline) as well as to PNG files
+    assert sorted(p.name for p in (stage / "samples").glob("*.png")) == ["step6_s1.png", "step6_s3.png"]
+    wandb_runs = list((runs / RUN / "wandb").glob("offline-run-*"))
+    blob = b"".join(p.read_bytes() for r in wandb_runs for p in r.glob("*.wandb"))
+    for key in (b"samples/scale_1", b"samples/scale_3", b"val/loss_bucket9", b"train/lr"):
+        assert key in blob, key
     last = load(stage / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 6 and int(last["state_dict"]["ema.num_updates"]) == 6
     # Run again: it resumes from last.ckpt (already at max_steps, so no step is taken) and writes
