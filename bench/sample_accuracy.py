@@ -24,8 +24,9 @@ from lightning_modules.diffusion_module import guided_denoiser  # noqa: E402
 
 
 @torch.no_grad()
-def accuracy(run_dir: Path, per_class: int, scale: float, steps: int, batch: int, seed: int) -> tuple[float, int]:
-    bundle = load_diffusion(run_dir / "diffusion" / "checkpoints" / "final.ckpt")
+def accuracy(run_dir: Path, checkpoint: str, per_class: int, scale: float, steps: int, batch: int,
+             seed: int) -> tuple[float, int]:  # fmt: skip
+    bundle = load_diffusion(run_dir / "diffusion" / "checkpoints" / checkpoint)
     scorer = load_feature_net(run_dir / "feature_net_eval" / "checkpoints" / "final.ckpt")
     labels = torch.arange(bundle.num_classes).repeat_interleave(per_class)
     correct = 0
@@ -43,6 +44,7 @@ def accuracy(run_dir: Path, per_class: int, scale: float, steps: int, batch: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--checkpoint", default="final.ckpt", help="file in diffusion/checkpoints/")
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument("--steps", type=int, default=25)
@@ -53,7 +55,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for scale in args.scales:
         start = time.perf_counter()
-        acc, n = accuracy(args.run_dir, args.per_class, scale, args.steps, args.batch, args.seed)
+        acc, n = accuracy(args.run_dir, args.checkpoint, args.per_class, scale, args.steps, args.batch, args.seed)
         print(f"| {scale:g} | {acc:.3f} | {n} | {time.perf_counter() - start:.0f} |", flush=True)
 
 

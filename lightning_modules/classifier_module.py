@@ -169,7 +169,6 @@ class ClassifierModule(StageModule):
             validation, test and the exported classifier use the EMA weights when it is on.
         sample_posterior: encode with a posterior sample (True, as LDM) or its mode.
         num_buckets: timestep buckets of the per-t metrics.
-        train_bucket_log_every: log the per-bucket training metrics over windows of this many steps.
         eval_seed: seeds validation/test t and noise per batch, so epochs are comparable.
         plot_dir: where accuracy_vs_t.png goes (default: <trainer.default_root_dir>/plots).
     """
@@ -189,7 +188,6 @@ class ClassifierModule(StageModule):
         ema_power: float = 2 / 3,
         sample_posterior: bool = True,
         num_buckets: int = 10,
-        train_bucket_log_every: int = 50,
         eval_seed: int = 0,
         plot_dir: str | None = None,
     ) -> None:
@@ -290,21 +288,15 @@ class ClassifierModule(StageModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
             self.ema.update(self.net)
-        # Every rank runs the same number of training steps, so all reach this sync together.
-        if self.global_step % self.hparams.train_bucket_log_every == 0:
-            self._log_train_buckets()
 
     def on_train_epoch_end(self) -> None:
-        self._log_train_buckets()
-        self.log_data_health()
-
-    def _log_train_buckets(self) -> None:
-        # Ranks run equally many steps, so they agree on whether there is anything to sync.
-        if not self.train_metrics.update_count:
-            return
-        values = bucket_log_dict(self.train_metrics.compute(), "train")
+        # Per-bucket training metrics over the epoch (train/acc, train/loss are logged every step). Every
+        # rank ran the same number of steps, so all reach this sync together.
+        if self.train_metrics.update_count:
+            values = bucket_log_dict(self.train_metrics.compute(), "train")
+            self.log_dict({k: v for k, v in values.items() if k not in ("train/acc", "train/loss")})
         self.train_metrics.reset()
-        self.log_dict({k: v for k, v in values.items() if k not in ("train/acc", "train/loss")})
+        self.log_data_health()
 
     # --- validation / test -------------------------------------------------------------------------
     def _eval_step(self, batch: dict, batch_idx: int, metrics: BucketedAccuracy) -> None:
