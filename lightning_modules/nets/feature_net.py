@@ -65,7 +65,9 @@ class FeatureNet(nn.Module):
             _ConvStage(chans[i], chans[i + 1], downsample=i > 0, norm=norm) for i in range(len(self.widths))
         )
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(self.widths[-1], num_classes)
+        # The classifier sees a 2x2 grid of the last maps (where things are matters for clothes); the
+        # metric feature is the global average (a compact D for FID with ~1,000 samples).
+        self.head = nn.Linear(4 * self.widths[-1], num_classes)
 
     @property
     def feature_dim(self) -> int:
@@ -94,5 +96,6 @@ class FeatureNet(nn.Module):
         """x: (B, C, H, W) in [-1, 1] -> {"features": [maps], "pooled": (B, D), "logits": (B, K)}."""
         maps = self.feature_maps(x)
         pooled = maps[-1].mean(dim=(2, 3))
-        logits = self.head(self.dropout(pooled))
+        grid = torch.nn.functional.adaptive_avg_pool2d(maps[-1], 2).flatten(1)
+        logits = self.head(self.dropout(grid))
         return {"features": maps, "pooled": pooled, "logits": logits}
