@@ -68,7 +68,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers (the CPU demo uses 1)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; 1 by default: on a shared CPU, OpenMP threads that wait for a "
+                             "busy core make a multi-threaded step many times slower")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

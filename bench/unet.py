@@ -87,57 +87,64 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                        warmup: int = 1) -> dict[str, float]:  # fmt: skip
+    """Median seconds of each callable, timed round-robin (one call of each per round), so that a change
+    in machine load during the run hits all contenders alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def train_step_time(net: nn.Module, x: Tensor, ctx: Tensor, device: torch.device, repeats: int) -> float:
+def train_step(net: nn.Module, x: Tensor, ctx: Tensor) -> Callable[[], None]:
+    """One training step (forward, MSE, backward, AdamW) of `net` on a fixed batch."""
     model, opt = as_model(net), torch.optim.AdamW(net.parameters(), lr=1e-4)
-    t = torch.randint(0, 1000, (x.shape[0],), device=device)
+    t = torch.randint(0, 1000, (x.shape[0],), device=x.device)
     noise = torch.randn_like(x)
 
     def step() -> None:
+        net.train()
         loss = (model(x, t, ctx, None) - noise).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    net.train()
-    return median_time(step, device, repeats)
+    return step
 
 
-@torch.no_grad()
-def sampling_time(net: nn.Module, shape: tuple, ctx: Tensor, null: Tensor, steps: int, device: torch.device,
-                  repeats: int) -> float:  # fmt: skip
-    net.eval()
+def cfg_sampling(net: nn.Module, shape: tuple, ctx: Tensor, null: Tensor, steps: int) -> Callable[[], Tensor]:
+    """DDIM sampling of a batch with classifier-free guidance (scale 3) through `sample`."""
     denoiser = CFGDenoiser(as_model(net), ctx, None, null, None, scale=3.0)
     schedule, sampler = NoiseSchedule("scaled_linear", 1000), DDIMSampler(num_steps=steps)
-    return median_time(lambda: sample(denoiser, shape, schedule, sampler, device=device), device, repeats, 1)
+
+    def run() -> Tensor:
+        net.eval()
+        return sample(denoiser, shape, schedule, sampler, device=ctx.device)
+
+    return run
 
 
-@torch.no_grad()
-def cfg_forward_times(net: UNet, x: Tensor, ctx: Tensor, null: Tensor, device: torch.device,
-                      repeats: int) -> tuple[float, float]:  # fmt: skip
+def cfg_evaluations(net: UNet, x: Tensor, ctx: Tensor, null: Tensor) -> dict[str, Callable[[], Tensor]]:
     """One CFG evaluation: a batched forward of 2B (CFGDenoiser) vs two forwards of B."""
-    net.eval()
-    t = torch.full((x.shape[0],), 500, device=device)
+    t = torch.full((x.shape[0],), 500, device=x.device)
     batched = CFGDenoiser(net, ctx, None, null, None, scale=3.0)
 
+    @torch.no_grad()
     def separate() -> Tensor:
         eps_c = net(x, t, ctx, None)
         eps_u = net(x, t, null.expand_as(ctx), None)
         return eps_u + 3.0 * (eps_c - eps_u)
 
-    return median_time(lambda: batched(x, t), device, repeats), median_time(separate, device, repeats)
+    return {"batched": torch.no_grad()(lambda: batched(x, t)), "separate": separate}
 
 
 def main() -> None:
@@ -151,7 +158,9 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; 1 by default: on a shared CPU, OpenMP threads that wait for a "
+                             "busy core make a multi-threaded step many times slower")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -172,28 +181,27 @@ def main() -> None:
     ctx = torch.randn(args.batch, args.tokens, args.context_dim, device=device)
     sb = args.sample_batch
     sctx, null = ctx[:sb], torch.zeros(1, args.tokens, args.context_dim, device=device)
-    rows = []
-    for name, net in nets.items():
+    for net in nets.values():
         net.to(device)
-        step = train_step_time(net, x, ctx, device, args.repeats)
-        samp = sampling_time(net, (sb, c, hw, hw), sctx, null, args.sample_steps, device, max(1, args.repeats // 2))
-        rows.append((name, step, args.batch / step, sb / samp))
-        net.cpu()
-    (_, s_ours, ips_ours, sps_ours), (_, s_diff, ips_diff, sps_diff) = rows
-    print(f"\n| U-Net | train step (s) | train img/s | DDIM-{args.sample_steps} CFG samples/s |")
+    train = interleaved_medians({n: train_step(net, x, ctx) for n, net in nets.items()}, device, args.repeats)
+    with torch.no_grad():
+        shape = (sb, c, hw, hw)
+        samp = interleaved_medians({n: cfg_sampling(net, shape, sctx, null, args.sample_steps)
+                                    for n, net in nets.items()}, device, max(1, args.repeats // 2))  # fmt: skip
+    print(f"\n| U-Net | train step (s) | train img/s | DDIM-{args.sample_steps} CFG samples/s (batch {sb}) |")
     print("|---|---|---|---|")
-    for name, step, ips, sps in rows:
-        print(f"| {name} | {step:.4f} | {ips:.1f} | {sps:.2f} |")
-    print(f"| ours / diffusers | {s_ours / s_diff:.2f}x time | {ips_ours / ips_diff:.2f}x | {sps_ours / sps_diff:.2f}x |")
+    for name in nets:
+        print(f"| {name} | {train[name]:.4f} | {args.batch / train[name]:.1f} | {sb / samp[name]:.2f} |")
+    print(f"| ours / diffusers | {train['ours'] / train['diffusers']:.2f}x time | "
+          f"{train['diffusers'] / train['ours']:.2f}x | {samp['diffusers'] / samp['ours']:.2f}x |")  # fmt: skip
 
-    net = nets["ours"].to(device)
-    batched, separate = cfg_forward_times(net, x, ctx, null, device, args.repeats)
-    print(f"\n| CFG evaluation, B={args.batch} | time (s) |")
+    nets["ours"].eval()
+    cfg = interleaved_medians(cfg_evaluations(nets["ours"], x, ctx, null), device, args.repeats)
+    print(f"\n| CFG evaluation of our U-Net, B={args.batch} | time (s) |")
     print("|---|---|")
-    print(f"| one batched forward of 2B | {batched:.4f} |")
-    print(f"| two forwards of B | {separate:.4f} |")
-    print(f"| batched / separate | {batched / separate:.2f}x |")
-
+    print(f"| one batched forward of 2B | {cfg['batched']:.4f} |")
+    print(f"| two forwards of B | {cfg['separate']:.4f} |")
+    print(f"| batched / separate | {cfg['batched'] / cfg['separate']:.2f}x |")
 
 if __name__ == "__main__":
     main()

