@@ -70,8 +70,11 @@ def test_fast_dev_run(tiny_data, runs, conditioner):
 
 @pytest.mark.slow
 def test_ddp_cpu_two_processes(tiny_data, runs):
-    train_diffusion(tiny_data, runs, "diffusion_ddp", "trainer=ddp_cpu", "debug=limit", timeout=900)
+    # with the latent cache: rank 0 encodes it in prepare_data while rank 1 waits, then both stream it
+    train_diffusion(tiny_data, runs, "diffusion_ddp", "trainer=ddp_cpu", "debug=limit", "stage.cache_latents=true",
+                    timeout=900)  # fmt: skip
     stage = runs / RUN / "diffusion_ddp"
+    assert (stage / "latents" / "manifest.json").exists()
     done = json.loads((stage / "DONE").read_text())
     assert done["global_step"] == 6 and "val/loss" in done["metrics"]
     ckpt = load(stage / "checkpoints" / "final.ckpt")
