@@ -95,7 +95,7 @@ def grid_conditions(
     num_classes: int, max_rows: int, per_row: int, class_names: Sequence[str] | None, template: str | None
 ) -> tuple[dict[str, Any], list[str]]:
     """A batch-like dict (`label` (R * per_row,), `caption`) for a sample grid of R = min(K, max_rows)
-    evenly spaced classes, one class per row, and the R row titles."""
+    evenly spaced classes, one class per row (captions from `template`), and the R class names."""
     rows = torch.linspace(0, num_classes - 1, min(num_classes, max_rows)).round().long().unique()
     names = [class_names[k] if class_names else f"class {k}" for k in rows.tolist()]
     captions = [template.format(n) if template else n for n in names]
@@ -103,7 +103,7 @@ def grid_conditions(
         "label": rows.repeat_interleave(per_row),
         "caption": [c for c in captions for _ in range(per_row)],
     }
-    return batch, captions
+    return batch, names
 
 
 def to_uint8_images(x: Tensor) -> np.ndarray:

@@ -54,7 +54,8 @@ def forwarded_overrides(argv: list[str]) -> list[str]:
 def accepted(root: str, base: list[str], overrides: list[str]) -> list[str]:
     """The overrides that config `root` understands (e.g. trainer.* is meaningless to prepare)."""
     ok = []
-    for o in overrides:
+    # Group choices first (`launcher=slurm` before `launcher.wait=true`), whatever order they were typed in.
+    for o in sorted(overrides, key=lambda o: "." in o.split("=", 1)[0]):
         try:
             compose(config_name=root, overrides=[*base, *ok, o])
             ok.append(o)
@@ -77,8 +78,8 @@ def plan(cfg: DictConfig, argv: list[str]) -> list[Step]:
             step = Step(name, s.entry, s.root, list(s.args), bool(s.distributed))
             step.overrides = accepted(step.root, step.args, overrides)
             steps.append(step)
-    used = {o for s in steps for o in s.overrides} | set(accepted("run", [], overrides))
-    ignored = [o for o in overrides if o not in used]
+    used = {o for s in steps for o in s.overrides} | set(accepted("run", [], argv))
+    ignored = [o for o in argv if o not in used]
     if ignored:
         raise ValueError(f"no stage understands the override(s) {ignored}: check the key names")
     return steps

@@ -178,7 +178,7 @@ def test_buckets_and_val_timesteps():
 def test_grid_conditions_rows_are_classes_or_captions():
     batch, titles = grid_conditions(1000, 4, 2, None, "a photo of a {}")
     assert batch["label"].tolist() == [0, 0, 333, 333, 666, 666, 999, 999]
-    assert titles[1] == "a photo of a class 333" and batch["caption"][2] == titles[1]
+    assert titles[1] == "class 333" and batch["caption"][2] == "a photo of a class 333"
 
 
 # ------------------------------------------------------------------------------------------ EMA, checkpoints

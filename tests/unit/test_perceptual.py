@@ -80,7 +80,7 @@ def test_domain_float32_under_bf16_autocast(domain):
 
 def test_load_feature_net_roundtrip(tmp_path):
     torch.manual_seed(0)
-    net = FeatureNet(in_channels=1, num_classes=3, widths=(4, 8))
+    net = FeatureNet(in_channels=1, num_classes=3, widths=(4, 8)).eval()  # BatchNorm: running statistics
     path = tmp_path / "final.ckpt"
     ckpt = {"state_dict": {}, "epoch": 2}
     ckpt |= {"feature_net_hparams": net.hparams(), "feature_net_state_dict": net.state_dict()}
