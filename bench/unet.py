@@ -196,12 +196,11 @@ def main() -> None:
           f"{train['diffusers'] / train['ours']:.2f}x | {samp['diffusers'] / samp['ours']:.2f}x |")  # fmt: skip
 
     nets["ours"].eval()
-    cfg = interleaved_medians(cfg_evaluations(nets["ours"], x, ctx, null), device, args.repeats)
-    print(f"\n| CFG evaluation of our U-Net, B={args.batch} | time (s) |")
-    print("|---|---|")
-    print(f"| one batched forward of 2B | {cfg['batched']:.4f} |")
-    print(f"| two forwards of B | {cfg['separate']:.4f} |")
-    print(f"| batched / separate | {cfg['batched'] / cfg['separate']:.2f}x |")
+    print("\n| CFG evaluation of our U-Net | B | one batched forward of 2B (s) | two forwards of B (s) | ratio |")
+    print("|---|---|---|---|---|")
+    for b in sorted({sb, args.batch}):
+        cfg = interleaved_medians(cfg_evaluations(nets["ours"], x[:b], ctx[:b], null), device, args.repeats)
+        print(f"| | {b} | {cfg['batched']:.4f} | {cfg['separate']:.4f} | {cfg['batched'] / cfg['separate']:.2f}x |")
 
 if __name__ == "__main__":
     main()
