@@ -30,7 +30,7 @@ def test_skip_and_rerun_on_config_change(tiny_data, tmp_path):
     assert "feature_net_perceptual: running (not run yet)" in first.stdout
     again = run_cli("pipeline.run", *args)
     assert "feature_net_perceptual: done" in again.stdout and "feature_net_eval: done" in again.stdout
-    changed = run_cli("pipeline.run", *args, "stage.module.max_shift=0")
+    changed = run_cli("pipeline.run", *args, "stage.module.max_shift=1")
     assert "feature_net_perceptual: running (config changed)" in changed.stdout
     assert (tmp_path / RUN / "logs" / "feature_net_eval.log").exists()
 
