@@ -1,11 +1,19 @@
-"""`pipeline.run launcher=slurm`: the stage DAG as a chain of sbatch jobs (afterok dependencies)."""
+"""`pipeline.run launcher=slurm`: the stage DAG as a chain of sbatch jobs (afterok dependencies).
+
+Training stages are one job each (srun, one task per device). An evaluation step becomes an array job,
+task i evaluating sweep setting i (`slurm/eval_array.sbatch`, `sweep_index=i`), followed by a
+`report_only=true` job (afterok on the whole array) that merges the settings into results, plots,
+`report.md` and W&B. `launcher.eval_array=false` submits the sweep as one job instead.
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
+from hydra import compose
 from omegaconf import DictConfig
 
 from pipeline.slurm import sbatch_command, submit, wait_for
@@ -17,10 +25,7 @@ def stage_sbatch_argv(step, launcher: DictConfig, log_dir: Path, dependency: lis
     """sbatch argv for one step: distributed steps get one task per device on every node."""
     ntasks = int(launcher.ntasks_per_node) if step.distributed else 1
     nodes = int(launcher.nodes) if step.distributed else 1
-    env = [f"GLDM_ENTRY={step.entry}", f"GLDM_ROOT={Path.cwd()}"]
-    venv = launcher.get("venv") or (sys.prefix if sys.prefix != sys.base_prefix else None)
-    if venv:
-        env.append(f"GLDM_VENV={venv}")
+    env = _env(launcher, step.entry)
     return sbatch_command(
         str(REPO / "slurm" / "stage.sbatch"),
         job_name=f"gldm-{step.name}",
@@ -39,6 +44,42 @@ def stage_sbatch_argv(step, launcher: DictConfig, log_dir: Path, dependency: lis
     )
 
 
+def _env(launcher: DictConfig, entry: str | None = None) -> list[str]:
+    env = ([f"GLDM_ENTRY={entry}"] if entry else []) + [f"GLDM_ROOT={Path.cwd()}"]
+    venv = launcher.get("venv") or (sys.prefix if sys.prefix != sys.base_prefix else None)
+    return [*env, f"GLDM_VENV={venv}"] if venv else env
+
+
+def sweep_size(step) -> int:
+    """Number of settings in an evaluation step's sweep (its composed `guidance` config)."""
+    from eval.sweep import expand_settings
+
+    g = compose(config_name=step.root, overrides=step.argv).guidance
+    return len(expand_settings(g.kind, g.scales, g.classifier_scales, g.pairing, g.rescale_phi, g.negative))
+
+
+def eval_array_argv(step, launcher: DictConfig, log_dir: Path, dependency: list[str], n: int) -> list[str]:
+    """sbatch argv for a sweep as an array of n tasks (one setting, one device each)."""
+    parallel = launcher.get("eval_array_parallel")
+    return sbatch_command(
+        str(REPO / "slurm" / "eval_array.sbatch"),
+        job_name=f"gldm-{step.name}",
+        nodes=1,
+        ntasks_per_node=1,
+        cpus_per_task=int(launcher.cpus_per_task),
+        gres="gpu:1" if launcher.gpus_per_node else None,
+        time=str(launcher.time),
+        partition=launcher.partition,
+        account=launcher.account,
+        qos=launcher.qos,
+        output=str(log_dir / f"{step.name}-%A_%a.out"),
+        dependency=dependency or None,
+        array=f"0-{n - 1}" + (f"%{int(parallel)}" if parallel else ""),
+        extra=[f"--export=ALL,{','.join(_env(launcher))}", *launcher.extra],
+        args=step.argv,
+    )
+
+
 def submit_chain(steps: list, cfg: DictConfig, status: Callable) -> list[str]:
     """Submit every step that is not done (and everything downstream of one that is not)."""
     launcher = cfg.launcher
@@ -52,6 +93,14 @@ def submit_chain(steps: list, cfg: DictConfig, status: Callable) -> list[str]:
             print(f"[run] {step.name}: {reason}, skipping", flush=True)
             continue
         rerun_upstream = True
+        if step.entry == "pipeline.evaluate" and launcher.get("eval_array", True):
+            n = sweep_size(step)
+            array = submit(eval_array_argv(step, launcher, log_dir, ids[-1:], n))
+            ids.append(array)
+            print(f"[run] {step.name}: submitted array job {array} ({n} sweep settings, {reason}); "
+                  f"logs {log_dir / f'{step.name}-{array}_<i>.out'}", flush=True)  # fmt: skip
+            step = replace(step, name=f"{step.name}_report", args=[*step.args, "report_only=true"])
+            reason = f"after array {array}"
         job = submit(stage_sbatch_argv(step, launcher, log_dir, ids[-1:]))
         ids.append(job)
         print(f"[run] {step.name}: submitted job {job} ({reason}); log {log_dir / f'{step.name}-{job}.out'}", flush=True)

@@ -11,12 +11,36 @@ import time
 import pytest
 
 from pipeline import slurm
+from tests import tiny_checkpoints as tiny
 from tests.conftest import run_cli, tiny_overrides
 from tests.integration.test_local_slurm import cluster  # noqa: F401  (the module-scoped fixture)
 
 pytestmark = pytest.mark.slurm
 RUN = "default/fashion_mnist"
 SLURM = ["launcher=slurm", "launcher.ntasks_per_node=2", "launcher.cpus_per_task=1", "trainer=ddp_cpu"]
+
+
+def test_evaluation_sweep_is_an_array_job_then_a_report_job(cluster, tiny_data, tmp_path):  # noqa: F811
+    run = tmp_path / RUN
+    tiny.write_upstream_run(run)
+    out = run_cli("pipeline.run", "stages=[evaluate]", "launcher=slurm", "launcher.wait=true",
+                  "launcher.cpus_per_task=1", "guidance.scales=[1,3]", "num_samples=40", "batch_size=20",
+                  "sampler.num_steps=3", "grid_per_class=2", "progress=false",
+                  *tiny_overrides(tiny_data, tmp_path), timeout=900)  # fmt: skip
+    array = re.search(r"evaluate: submitted array job (\d+) \(2 sweep settings", out.stdout)
+    report = re.search(r"evaluate_report: submitted job (\d+)", out.stdout)
+    assert array and report, out.stdout[-3000:]
+    deps = subprocess.run(["scontrol", "show", "job", "-o", report.group(1)], capture_output=True, text=True).stdout
+    assert f"afterok:{array.group(1)}" in deps or "Dependency=(null)" in deps or not deps
+    logs = sorted((run / "logs").glob(f"evaluate-{array.group(1)}_*.out"))
+    assert len(logs) == 2, [p.name for p in (run / "logs").iterdir()]
+    assert [("sweep_index=0" in p.read_text(), "sweep_index=1" in p.read_text()) for p in logs] == [
+        (True, False), (False, True)]  # fmt: skip
+    sweep = run / "eval" / "cfg"
+    for setting in ("cfg_s1", "cfg_s3"):  # each written by its own array task
+        assert json.loads((sweep / setting / "metrics.json").read_text())["num_samples"] == 40
+    rows = json.loads((sweep / "results.json").read_text())  # merged by the report job
+    assert [r["setting"] for r in rows] == ["cfg_s1", "cfg_s3"] and (sweep / "report.md").exists()
 
 
 def test_chain_runs_in_order_with_ddp_under_srun(cluster, tiny_data, tmp_path):  # noqa: F811
