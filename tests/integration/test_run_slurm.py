@@ -34,8 +34,8 @@ def test_evaluation_sweep_is_an_array_job_then_a_report_job(cluster, tiny_data, 
     assert f"afterok:{array.group(1)}" in deps or "Dependency=(null)" in deps or not deps
     logs = sorted((run / "logs").glob(f"evaluate-{array.group(1)}_*.out"))
     assert len(logs) == 2, [p.name for p in (run / "logs").iterdir()]
-    assert [("sweep_index=0" in p.read_text(), "sweep_index=1" in p.read_text()) for p in logs] == [
-        (True, False), (False, True)]  # fmt: skip
+    texts = [p.read_text() for p in logs]  # task i (sweep_index=i) evaluated setting i, and only that one
+    assert [("cfg_s1: sampled" in t, "cfg_s3: sampled" in t) for t in texts] == [(True, False), (False, True)]
     sweep = run / "eval" / "cfg"
     for setting in ("cfg_s1", "cfg_s3"):  # each written by its own array task
         assert json.loads((sweep / setting / "metrics.json").read_text())["num_samples"] == 40
