@@ -131,10 +131,15 @@ def test_inception_adapter_feeds_uint8_rgb(tmp_path, monkeypatch):
     torch.testing.assert_close(extractor.net.seen[-1], expected, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(
-    not features.default_inception_weights_path().is_file() or features._inception_backend() is None,
-    reason="no Inception weights ship here (and torch-fidelity is not installed); nothing is downloaded",
-)
+def _inception_missing() -> str:
+    if features._inception_backend() is None:
+        return "torch-fidelity (the Inception backend of torchmetrics FID) is not importable"
+    if not features.default_inception_weights_path().is_file():
+        return f"no Inception weights at {features.default_inception_weights_path()} (none ship here; nothing is downloaded)"
+    return ""
+
+
+@pytest.mark.skipif(bool(_inception_missing()), reason=_inception_missing() or "weights present")
 def test_inception_real_weights():
     extractor = InceptionFeatures()
     out = extractor(_images(n=2, size=32, channels=3))
