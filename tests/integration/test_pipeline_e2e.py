@@ -75,5 +75,7 @@ def test_whole_chain_on_slurm_with_ddp(cluster, tiny_data, tmp_path):  # noqa: F
     out = run_cli("pipeline.run", STAGES, "debug=fdr", "logger=csv", "launcher=slurm", "launcher.wait=true",
                   "launcher.ntasks_per_node=2", "launcher.cpus_per_task=1", "trainer=ddp_cpu",
                   f"paths.data_dir={tiny_data}", f"paths.runs_dir={tmp_path}", *TINY_EVAL, timeout=3000)  # fmt: skip
-    assert out.stdout.count("submitted job") == 6
+    # 5 training stages and the sweep's report job; the sweep itself is an array job of 2 settings.
+    assert out.stdout.count("submitted job") == 6 and "evaluate_report: submitted job" in out.stdout
+    assert "evaluate: submitted array job" in out.stdout and "(2 sweep settings" in out.stdout
     assert (tmp_path / RUN / "eval" / "cfg" / "report.md").exists()
