@@ -21,33 +21,42 @@ from pipeline.slurm import sbatch_command, submit, wait_for
 REPO = Path(__file__).resolve().parents[1]
 
 
-def stage_sbatch_argv(step, launcher: DictConfig, log_dir: Path, dependency: list[str]) -> list[str]:
-    """sbatch argv for one step: distributed steps get one task per device on every node."""
-    ntasks = int(launcher.ntasks_per_node) if step.distributed else 1
-    nodes = int(launcher.nodes) if step.distributed else 1
-    env = _env(launcher, step.entry)
+def _launcher_argv(script: str, step, launcher: DictConfig, dependency: list[str], entry: str | None,
+                   **job) -> list[str]:  # fmt: skip
+    """sbatch argv of `script` for `step` with the launcher's shared options (partition, account, qos, time,
+    cpus, extra flags, the exported GLDM_* environment); `job` holds what differs per job kind."""
+    env = ([f"GLDM_ENTRY={entry}"] if entry else []) + [f"GLDM_ROOT={Path.cwd()}"]
+    venv = launcher.get("venv") or (sys.prefix if sys.prefix != sys.base_prefix else None)
+    if venv:
+        env.append(f"GLDM_VENV={venv}")
     return sbatch_command(
-        str(REPO / "slurm" / "stage.sbatch"),
+        str(REPO / "slurm" / script),
         job_name=f"gldm-{step.name}",
-        nodes=nodes,
-        ntasks_per_node=ntasks,
         cpus_per_task=int(launcher.cpus_per_task),
-        gres=f"gpu:{launcher.gpus_per_node}" if launcher.gpus_per_node and step.distributed else None,
         time=str(launcher.time),
         partition=launcher.partition,
         account=launcher.account,
         qos=launcher.qos,
-        output=str(log_dir / f"{step.name}-%j.out"),
         dependency=dependency or None,
         extra=[f"--export=ALL,{','.join(env)}", *launcher.extra],
         args=step.argv,
+        **job,
     )
 
 
-def _env(launcher: DictConfig, entry: str | None = None) -> list[str]:
-    env = ([f"GLDM_ENTRY={entry}"] if entry else []) + [f"GLDM_ROOT={Path.cwd()}"]
-    venv = launcher.get("venv") or (sys.prefix if sys.prefix != sys.base_prefix else None)
-    return [*env, f"GLDM_VENV={venv}"] if venv else env
+def stage_sbatch_argv(step, launcher: DictConfig, log_dir: Path, dependency: list[str]) -> list[str]:
+    """sbatch argv for one step: distributed steps get one task per device on every node."""
+    return _launcher_argv(
+        "stage.sbatch",
+        step,
+        launcher,
+        dependency,
+        step.entry,
+        nodes=int(launcher.nodes) if step.distributed else 1,
+        ntasks_per_node=int(launcher.ntasks_per_node) if step.distributed else 1,
+        gres=f"gpu:{launcher.gpus_per_node}" if launcher.gpus_per_node and step.distributed else None,
+        output=str(log_dir / f"{step.name}-%j.out"),
+    )
 
 
 def sweep_size(step) -> int:
@@ -61,22 +70,17 @@ def sweep_size(step) -> int:
 def eval_array_argv(step, launcher: DictConfig, log_dir: Path, dependency: list[str], n: int) -> list[str]:
     """sbatch argv for a sweep as an array of n tasks (one setting, one device each)."""
     parallel = launcher.get("eval_array_parallel")
-    return sbatch_command(
-        str(REPO / "slurm" / "eval_array.sbatch"),
-        job_name=f"gldm-{step.name}",
+    return _launcher_argv(
+        "eval_array.sbatch",
+        step,
+        launcher,
+        dependency,
+        None,  # the script runs pipeline.evaluate itself
         nodes=1,
         ntasks_per_node=1,
-        cpus_per_task=int(launcher.cpus_per_task),
         gres="gpu:1" if launcher.gpus_per_node else None,
-        time=str(launcher.time),
-        partition=launcher.partition,
-        account=launcher.account,
-        qos=launcher.qos,
         output=str(log_dir / f"{step.name}-%A_%a.out"),
-        dependency=dependency or None,
         array=f"0-{n - 1}" + (f"%{int(parallel)}" if parallel else ""),
-        extra=[f"--export=ALL,{','.join(_env(launcher))}", *launcher.extra],
-        args=step.argv,
     )
 
 

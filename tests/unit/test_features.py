@@ -139,7 +139,10 @@ def _inception_missing() -> str:
     return ""
 
 
-@pytest.mark.skipif(bool(_inception_missing()), reason=_inception_missing() or "weights present")
+INCEPTION_MISSING = _inception_missing()
+
+
+@pytest.mark.skipif(bool(INCEPTION_MISSING), reason=INCEPTION_MISSING or "weights present")
 def test_inception_real_weights():
     extractor = InceptionFeatures()
     out = extractor(_images(n=2, size=32, channels=3))
