@@ -13,11 +13,13 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
 from pipeline.common import atomic_write_json, config_hash, env_rank, read_done, scrub_secrets
+from pipeline.preemption import SlurmRequeue
 
 # Trainer keys that say where/how fast a run goes, not what it computes: a change of these does not
 # invalidate a finished stage (a stage trained on 8 GPUs is not redone on 1).
@@ -99,6 +101,8 @@ def build_callbacks(cfg: DictConfig, stage_dir: Path) -> list[Callback]:
     ]
     if cfg.get("logger"):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if SLURMEnvironment.detect():  # a task under srun: USR1 -> checkpoint on all ranks -> requeue
+        callbacks.append(SlurmRequeue(stage_dir, check_every_n_steps=cfg.requeue_check_every_n_steps))
     for cb in (cfg.stage.get("callbacks") or {}).values():
         if cb is not None:
             callbacks.append(instantiate(cb))
@@ -106,12 +110,17 @@ def build_callbacks(cfg: DictConfig, stage_dir: Path) -> list[Callback]:
 
 
 def build_trainer(cfg: DictConfig, stage_dir: Path, chash: str) -> pl.Trainer:
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # Ranks from srun's environment as before, but Lightning's own USR1 handler (which saves a
+        # checkpoint inside the handler, a collective that can deadlock DDP) is replaced by SlurmRequeue.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return instantiate(
         cfg.trainer,
         default_root_dir=str(stage_dir),
         callbacks=build_callbacks(cfg, stage_dir),
         logger=build_loggers(cfg, chash) or False,
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
     )
 
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from pipeline.builders import build_trainer, resume_checkpoint, stage_hash, supersede_stale, upstream_dirs
 from pipeline.common import atomic_write_json, read_done, save_config, write_done
+from pipeline.preemption import Preempted, requeue_job
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,12 @@ def train(cfg: DictConfig) -> dict:
     ckpt = resume_checkpoint(stage_dir)
     if ckpt:
         print(f"[train] {cfg.stage.dir_name}: resuming from {ckpt}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    except Preempted as stop:  # Slurm's signal: every rank saved at one step; no test, no DONE
+        if trainer.is_global_zero:
+            requeue_job()
+        return {"config_hash": chash, "preempted": str(stop.checkpoint)}
     if cfg.stage.test:
         trainer.test(module, datamodule=datamodule)
     trainer.save_checkpoint(stage_dir / "checkpoints" / "final.ckpt")

@@ -66,9 +66,10 @@ def test_chain_runs_in_order_with_ddp_under_srun(cluster, tiny_data, tmp_path): 
 
 
 def test_usr1_preemption_requeues_and_resumes_same_wandb_run(cluster, tiny_data, tmp_path):  # noqa: F811
-    args = ["stages=[feature_net_eval]", "debug=limit", "trainer.max_steps=150", "data.train_batches_per_epoch=1000",
-            "stage.checkpoint_every_n_steps=5", *SLURM, f"paths.data_dir={tiny_data}", f"paths.runs_dir={tmp_path}",
-            "logger=wandb"]  # fmt: skip
+    # enough steps that training is still running when the signal arrives, even on a slow machine
+    args = ["stages=[feature_net_eval]", "debug=limit", "trainer.max_steps=300", "data.train_batches_per_epoch=1000",
+            "stage.checkpoint_every_n_steps=5", "requeue_check_every_n_steps=5", *SLURM,
+            f"paths.data_dir={tiny_data}", f"paths.runs_dir={tmp_path}", "logger=wandb"]  # fmt: skip
     out = run_cli("pipeline.run", *args)
     job = re.findall(r"submitted job (\d+)", out.stdout)[0]
     last = tmp_path / RUN / "feature_net_eval" / "checkpoints" / "last.ckpt"
@@ -81,7 +82,11 @@ def test_usr1_preemption_requeues_and_resumes_same_wandb_run(cluster, tiny_data,
     assert states[job] == "COMPLETED"
     log = next((tmp_path / RUN / "logs").glob(f"feature_net_eval-{job}.out")).read_text()
     assert "restart 1" in log, log[-3000:]
+    # all ranks stopped at one step after the checkpoint (no save inside the signal handler), rank 0 requeued,
+    # and the requeued job resumed from that checkpoint
+    assert "[preemption] signal" in log and "requeued Slurm job" in log and "hpc_ckpt_1.ckpt" in log, log[-3000:]
+    assert "resuming from" in log and "Traceback" not in log, log[-3000:]
     done = json.loads((tmp_path / RUN / "feature_net_eval" / "DONE").read_text())
-    assert done["global_step"] == 150
+    assert done["global_step"] == 300
     runs = list((tmp_path / RUN / "wandb").glob("offline-run-*"))
     assert len(runs) >= 2 and len({r.name.rsplit("-", 1)[-1] for r in runs}) == 1, runs
