@@ -93,7 +93,9 @@ def write_split(
         final = out_dir / name
         tmp = out_dir / f".{name}.tmp"
         chunk = indices[start : start + per_shard]
-        with wds.TarWriter(str(tmp), mtime=0.0) as sink:  # fixed mtime: byte-identical re-runs
+        # A fixed *integer* mtime: byte-identical re-runs, and plain ustar headers. A float mtime (even 0.0)
+        # makes tarfile add a PAX header to every member: twice the bytes and twice the read time.
+        with wds.TarWriter(str(tmp), mtime=0) as sink:
             for idx in chunk:
                 image, label, meta = source.item(int(idx))
                 key = f"{split}_{int(idx):07d}"
@@ -104,7 +106,8 @@ def write_split(
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        shards.append({"name": name, "num_samples": len(chunk), "sha256": sha256_file(final)})
+        shards.append({"name": name, "num_samples": len(chunk), "sha256": sha256_file(final),
+                       "bytes": final.stat().st_size})  # fmt: skip
     bar.close()
     return {"num_samples": int(len(indices)), "shards": shards}
 

@@ -57,7 +57,7 @@ def _write_latent_shard(ae: torch.nn.Module, dm: WebDataModule, url: str, path: 
                         device: torch.device, dtype: np.dtype) -> int:  # fmt: skip
     tmp = path.with_name(f".{path.name}.tmp")
     count = 0
-    with wds.TarWriter(str(tmp), mtime=0.0) as sink:
+    with wds.TarWriter(str(tmp), mtime=0) as sink:  # an int: no PAX header per member (see shards.py)
         for chunk in _batches(dm, url, batch_size):
             images = torch.stack([s["image"] for s in chunk]).to(device)
             posterior = ae.encode(images)

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,42 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+class TrainTime(Callback):
+    """Wall seconds spent in training batches (data loading included; validation, testing and sanity
+    checks excluded), summed over resumptions: the figure behind "N minutes of training" claims."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start: float | None = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:  # training resumes after it
+            self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
+
+    def state_dict(self) -> dict[str, float]:
+        return {"seconds": self.seconds + (time.perf_counter() - self._start if self._start is not None else 0.0)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seconds = float(state_dict["seconds"])
 
 
 def stage_hash(cfg: DictConfig) -> str:
@@ -98,6 +135,7 @@ def build_callbacks(cfg: DictConfig, stage_dir: Path) -> list[Callback]:
             auto_insert_metric_name=False,
         ),
         TQDMProgressBar(refresh_rate=cfg.progress_refresh_rate),
+        TrainTime(),
     ]
     if cfg.get("logger"):
         callbacks.append(LearningRateMonitor(logging_interval="step"))

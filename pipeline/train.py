@@ -11,7 +11,14 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from pipeline.builders import build_trainer, resume_checkpoint, stage_hash, supersede_stale, upstream_dirs
+from pipeline.builders import (
+    TrainTime,
+    build_trainer,
+    resume_checkpoint,
+    stage_hash,
+    supersede_stale,
+    upstream_dirs,
+)
 from pipeline.common import atomic_write_json, read_done, save_config, write_done
 from pipeline.preemption import Preempted, requeue_job
 
@@ -46,6 +53,7 @@ def train(cfg: DictConfig) -> dict:
         trainer.test(module, datamodule=datamodule)
     trainer.save_checkpoint(stage_dir / "checkpoints" / "final.ckpt")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics["time/train_s"] = next(cb.seconds for cb in trainer.callbacks if isinstance(cb, TrainTime))
     if trainer.is_global_zero:
         atomic_write_json(stage_dir / "metrics.json", metrics)
         upstream = {name: (read_done(path) or {}).get("config_hash") for name, path in upstream_dirs(cfg).items()}

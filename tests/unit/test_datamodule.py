@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 
@@ -85,11 +86,30 @@ def test_corrupt_sample_is_skipped_and_counted(tiny_data, tmp_path):
     assert any("skipping corrupt sample" in str(x.message) for x in w)
 
 
-def test_truncated_shard_is_an_error_naming_it(tiny_data, tmp_path):
+@pytest.mark.parametrize("cut", [1500, 3 * 512, 0.5])  # mid-header, on a header boundary, mid-shard
+def test_truncated_shard_is_an_error_naming_it(tiny_data, tmp_path, cut):
     dst = tmp_path / "fm"
     shutil.copytree(tiny_data / "fashion_mnist", dst)
     shard = dst / load_manifest(dst)["splits"]["val"]["shards"][1]["name"]
-    shard.write_bytes(shard.read_bytes()[:1500])
+    data = shard.read_bytes()
+    shard.write_bytes(data[: int(cut * len(data)) if isinstance(cut, float) else cut])
+    with pytest.raises(ShardReadError, match=shard.name):
+        for _ in make_dm(dst, num_workers=0).val_dataloader():
+            pass
+
+
+def test_truncation_inside_a_stream_is_still_an_error(tiny_data, tmp_path):
+    """Without the manifest's size (older manifests) a cut inside a member's data still raises (a cut on a
+    header boundary cannot be seen in the stream: tarfile takes it for the end of the archive)."""
+    dst = tmp_path / "fm"
+    shutil.copytree(tiny_data / "fashion_mnist", dst)
+    manifest = load_manifest(dst)
+    shard = dst / manifest["splits"]["val"]["shards"][1]["name"]
+    shard.write_bytes(shard.read_bytes()[: 5 * 512 + 100])  # inside the first sample's png data
+    for entry in manifest["splits"].values():
+        for s in entry["shards"]:
+            s.pop("bytes")
+    (dst / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardReadError, match=shard.name):
         for _ in make_dm(dst, num_workers=0).val_dataloader():
             pass
@@ -116,3 +136,29 @@ def test_url_override_brace_pattern_and_pipe(tiny_data):
     dm = make_dm(d, num_workers=0, urls={"val": pipe})
     n_pipe = sum(len(b["key"]) for b in dm.val_dataloader())
     assert n_brace == n_pipe == load_manifest(d)["splits"]["val"]["num_samples"]
+
+
+@pytest.mark.parametrize("mode,channels", [("L", 1), ("RGB", 3), ("L", 3), ("RGB", 1)])
+def test_decoder_pads_and_scales_like_the_reference_formula(mode, channels):
+    """The numpy fast path equals x / 127.5 - 1 padded with -1 (and converts modes as PIL does)."""
+    import io
+    import multiprocessing as mp
+
+    import numpy as np
+    from PIL import Image
+
+    from datamodules.webdata import SampleDecoder
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (28, 26, 3) if mode == "RGB" else (28, 26), dtype=np.uint8)
+    arr[0, 0] = 255  # the extremes must land exactly on +-1
+    arr[1, 1] = 0
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, format="PNG")
+    got = SampleDecoder(32, channels, "pad", mp.Value("l", 0)).to_tensor(buf.getvalue())
+    ref = np.asarray(Image.fromarray(arr, mode).convert("L" if channels == 1 else "RGB"), dtype=np.float32)
+    ref = torch.from_numpy(ref.reshape(28, 26, channels)).permute(2, 0, 1) / 127.5 - 1
+    ref = torch.nn.functional.pad(ref, (3, 3, 2, 2), value=-1.0)
+    assert got.shape == (channels, 32, 32) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+    assert got.max() <= 1 and got.min() >= -1

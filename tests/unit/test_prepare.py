@@ -117,3 +117,11 @@ def test_missing_source_and_manifest_errors(tmp_path):
         load_manifest(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ImageFolder(str(tmp_path / "nope"))
+
+
+def test_shards_have_plain_ustar_headers(tiny_data):
+    """A float mtime made tarfile write a PAX header per member: twice the bytes and the read time."""
+    shard = load_manifest(tiny_data / "fashion_mnist")["splits"]["train"]["shards"][0]["name"]
+    with tarfile.open(tiny_data / "fashion_mnist" / shard) as tar:
+        members = tar.getmembers()
+    assert members and all(m.pax_headers == {} and m.mtime == 0 for m in members)
