@@ -139,8 +139,6 @@ def build_callbacks(cfg: DictConfig, stage_dir: Path) -> list[Callback]:
     ]
     if cfg.get("logger"):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    if SLURMEnvironment.detect():  # a task under srun: USR1 -> checkpoint on all ranks -> requeue
-        callbacks.append(SlurmRequeue(stage_dir, check_every_n_steps=cfg.requeue_check_every_n_steps))
     for cb in (cfg.stage.get("callbacks") or {}).values():
         if cb is not None:
             callbacks.append(instantiate(cb))
@@ -149,14 +147,16 @@ def build_callbacks(cfg: DictConfig, stage_dir: Path) -> list[Callback]:
 
 def build_trainer(cfg: DictConfig, stage_dir: Path, chash: str) -> pl.Trainer:
     plugins: list[Any] = [AtomicCheckpointIO()]
+    callbacks = build_callbacks(cfg, stage_dir)
     if SLURMEnvironment.detect():
-        # Ranks from srun's environment as before, but Lightning's own USR1 handler (which saves a
-        # checkpoint inside the handler, a collective that can deadlock DDP) is replaced by SlurmRequeue.
+        # A task under srun: ranks from srun's environment as before, but Lightning's own USR1 handler
+        # (it saves inside the handler, a collective that can deadlock DDP) is replaced by SlurmRequeue.
         plugins.append(SLURMEnvironment(auto_requeue=False))
+        callbacks.append(SlurmRequeue(stage_dir, check_every_n_steps=cfg.requeue_check_every_n_steps))
     return instantiate(
         cfg.trainer,
         default_root_dir=str(stage_dir),
-        callbacks=build_callbacks(cfg, stage_dir),
+        callbacks=callbacks,
         logger=build_loggers(cfg, chash) or False,
         plugins=plugins,
     )

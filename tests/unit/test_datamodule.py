@@ -162,3 +162,32 @@ def test_decoder_pads_and_scales_like_the_reference_formula(mode, channels):
     assert got.shape == (channels, 32, 32) and got.dtype == torch.float32
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
     assert got.max() <= 1 and got.min() >= -1
+
+
+def test_decoder_resize_mode_and_exact_size():
+    """resize='resize' (and padding an image larger than image_size) interpolates; an image already of
+    image_size is only rescaled, in either mode."""
+    import io
+    import multiprocessing as mp
+
+    import numpy as np
+    from PIL import Image
+
+    from datamodules.webdata import SampleDecoder
+
+    def png(arr):
+        buf = io.BytesIO()
+        Image.fromarray(arr, "L").save(buf, format="PNG")
+        return buf.getvalue()
+
+    rng = np.random.default_rng(1)
+    small, exact = (rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((28, 28), (32, 32)))
+    for resize in ("pad", "resize"):
+        dec = SampleDecoder(32, 1, resize, mp.Value("l", 0))
+        out = dec.to_tensor(png(exact))
+        torch.testing.assert_close(out[0], torch.from_numpy(exact).float() / 127.5 - 1, atol=1e-6, rtol=0)
+    stretched = SampleDecoder(32, 1, "resize", mp.Value("l", 0)).to_tensor(png(small))
+    assert stretched.shape == (1, 32, 32) and not stretched[:, :2].eq(-1).all()  # no black border
+    assert stretched.min() >= -1 and stretched.max() <= 1
+    shrunk = SampleDecoder(16, 1, "pad", mp.Value("l", 0)).to_tensor(png(small))
+    assert shrunk.shape == (1, 16, 16)

@@ -37,7 +37,7 @@ def test_counts_training_batches_not_validation_or_sanity_check(tmp_path):
     t0 = time.perf_counter()
     _, timer = _fit(tmp_path, max_steps=8)  # 2 epochs: 8 x 0.05 s training, (2 + 2 x 3) x 0.1 s validation
     wall = time.perf_counter() - t0
-    assert 0.4 <= timer.seconds < 0.4 + 0.5, timer.seconds
+    assert 0.4 <= timer.seconds < 1.1, timer.seconds  # with the 0.8 s of validation it would be >= 1.2
     assert wall - timer.seconds >= 0.8  # the validation time is not in it
 
 
