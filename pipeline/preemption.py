@@ -85,7 +85,7 @@ class SlurmRequeue(Callback):
         path = self.checkpoint_dir / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
         trainer.save_checkpoint(path)  # collective-safe: all ranks are here
         if trainer.is_global_zero:
-            print(f"[preemption] signal {self.signum} at step {trainer.global_step}: saved {path}; stopping")
+            print(f"[preemption] signal {self.signum} at step {trainer.global_step}: saved {path}; stopping", flush=True)
         raise Preempted(path, trainer.global_step)  # not should_stop: that would run validation first
 
 
@@ -95,10 +95,11 @@ def requeue_job() -> None:
     job_id = f"{array_job}_{task}" if array_job and task else os.environ.get("SLURM_JOB_ID")
     if not job_id:
         raise RuntimeError("preempted outside a Slurm job (no SLURM_JOB_ID): run the same command again to resume")
+    # Printed (and flushed) first: Slurm kills this job as part of the requeue, possibly before the call returns.
+    print(f"[preemption] requeueing Slurm job {job_id}", flush=True)
     result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(
             f"`scontrol requeue {job_id}` failed ({result.stderr.strip() or result.returncode}); the checkpoint "
             "is saved: submit the same stage again (or give the job --requeue) and it resumes from it"
         )
-    print(f"[preemption] requeued Slurm job {job_id}")

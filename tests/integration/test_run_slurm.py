@@ -84,7 +84,7 @@ def test_usr1_preemption_requeues_and_resumes_same_wandb_run(cluster, tiny_data,
     assert "restart 1" in log, log[-3000:]
     # all ranks stopped at one step after the checkpoint (no save inside the signal handler), rank 0 requeued,
     # and the requeued job resumed from that checkpoint
-    assert "[preemption] signal" in log and "requeued Slurm job" in log and "hpc_ckpt_1.ckpt" in log, log[-3000:]
+    assert "[preemption] signal" in log and "requeueing Slurm job" in log and "hpc_ckpt_1.ckpt" in log, log[-3000:]
     assert "resuming from" in log and "Traceback" not in log, log[-3000:]
     done = json.loads((tmp_path / RUN / "feature_net_eval" / "DONE").read_text())
     assert done["global_step"] == 300

@@ -76,6 +76,35 @@ def test_requeue_outside_slurm_says_what_to_do(monkeypatch):
         requeue_job()
 
 
+def _fake_scontrol(tmp_path, monkeypatch, rc: int):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\necho "boom" >&2\nexit {rc}\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return tmp_path / "calls"
+
+
+def test_requeue_names_array_task_and_says_so_before_slurm_kills_the_job(tmp_path, monkeypatch, capfd):
+    calls = _fake_scontrol(tmp_path, monkeypatch, rc=0)
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "40")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    requeue_job()
+    assert calls.read_text().split() == ["requeue", "40_1"]  # the task, not the array's first job id
+    # printed and flushed before scontrol runs: the requeue kills this process, maybe before it returns
+    assert "[preemption] requeueing Slurm job 40_1" in capfd.readouterr().out
+
+
+def test_failed_requeue_keeps_the_checkpoint_and_says_what_to_do(tmp_path, monkeypatch):
+    _fake_scontrol(tmp_path, monkeypatch, rc=1)
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    with pytest.raises(RuntimeError, match=r"scontrol requeue 41` failed \(boom\).*submit the same stage again"):
+        requeue_job()
+
+
 def test_check_interval_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="check_every_n_steps"):
         SlurmRequeue(tmp_path, check_every_n_steps=0)
