@@ -10,6 +10,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+import pipeline  # noqa: F401  (registers the config resolvers)
+
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 

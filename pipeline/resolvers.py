@@ -1,0 +1,44 @@
+"""OmegaConf resolvers used in conf/ (registered when `pipeline` is imported, before any config resolves).
+
+`${auto_precision:<accelerator>}`: "bf16-mixed" where the accelerator computes bf16 natively, else "32-true".
+  - CUDA: `torch.cuda.is_bf16_supported()` (Ampere and newer).
+  - x86 CPU: AVX512-BF16 or AMX (oneDNN then runs bf16 convolutions natively; without them it emulates bf16
+    and is slower than float32). Arm CPU: oneDNN's own check (`_is_mkldnn_bf16_supported`, the BF16 ISA).
+  The value is resolved before the stage's config hash is taken, so a stage trained in one precision is never
+  resumed in the other: it trains again, as for any other config change. `trainer.precision=32-true` on the
+  command line always wins.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+from omegaconf import OmegaConf
+
+BF16, FP32 = "bf16-mixed", "32-true"
+
+
+def cpu_has_native_bf16() -> bool:
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def auto_precision(accelerator: str = "cpu") -> str:
+    """The Lightning `precision` for `accelerator` ("cpu", "gpu"/"cuda" or "auto"): bf16 autocast where native."""
+    accelerator = str(accelerator).lower()
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return BF16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else FP32
+    if accelerator in ("cpu", "auto"):
+        return BF16 if cpu_has_native_bf16() else FP32
+    return FP32  # mps, tpu, ...: what the Trainer does by default
+
+
+def register() -> None:
+    if not OmegaConf.has_resolver("auto_precision"):
+        OmegaConf.register_new_resolver("auto_precision", auto_precision)

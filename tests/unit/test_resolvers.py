@@ -1,0 +1,49 @@
+"""`${auto_precision:...}`: bf16 autocast only where the hardware computes bf16 natively; resolved into the
+config (and so into the stage hash) before training, overridable from the command line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import pipeline  # noqa: F401  (registers the resolvers)
+from pipeline import resolvers
+from pipeline.common import config_hash
+
+
+@pytest.mark.parametrize("native,expected", [(True, "bf16-mixed"), (False, "32-true")])
+def test_cpu_precision_follows_native_bf16(monkeypatch, native, expected):
+    monkeypatch.setattr(resolvers, "cpu_has_native_bf16", lambda: native)
+    assert resolvers.auto_precision("cpu") == expected
+    cfg = OmegaConf.create({"trainer": {"accelerator": "cpu", "precision": "${auto_precision:${trainer.accelerator}}"}})
+    assert cfg.trainer.precision == expected
+
+
+@pytest.mark.parametrize("cuda,bf16,expected", [(True, True, "bf16-mixed"), (True, False, "32-true"),
+                                                 (False, False, "32-true")])  # fmt: skip
+def test_gpu_precision_follows_cuda_bf16(monkeypatch, cuda, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert resolvers.auto_precision("gpu") == expected == resolvers.auto_precision("cuda")
+
+
+def test_unknown_accelerator_keeps_float32():
+    assert resolvers.auto_precision("mps") == "32-true"
+
+
+def test_x86_check_reads_the_cpu_flags(monkeypatch):
+    monkeypatch.setattr(resolvers.platform, "machine", lambda: "x86_64")
+    for avx512_bf16, amx, expected in [(True, False, True), (False, True, True), (False, False, False)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolvers.cpu_has_native_bf16() is expected
+
+
+def test_resolved_precision_is_in_the_stage_hash(monkeypatch):
+    cfg = OmegaConf.create({"trainer": {"accelerator": "cpu", "precision": "${auto_precision:${trainer.accelerator}}"}})
+    hashes = []
+    for native in (True, False):
+        monkeypatch.setattr(resolvers, "cpu_has_native_bf16", lambda v=native: v)
+        hashes.append(config_hash(cfg))
+    assert hashes[0] != hashes[1]  # a checkpoint of one precision is never resumed in the other
