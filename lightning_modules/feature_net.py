@@ -11,6 +11,7 @@ import torchmetrics
 
 from lightning_modules.base import StageModule, build_optimizer, warmup_cosine
 from lightning_modules.nets.feature_net import FeatureNet
+from lightning_modules.nets.perceptual import autocast_off
 
 
 def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
@@ -86,8 +87,14 @@ class FeatureNetModule(StageModule):
     def on_train_epoch_end(self) -> None:
         self.log_data_health()
 
+    def _eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Float32 logits whatever `trainer.precision`: the accuracy reported is that of the net as the
+        evaluation jobs run it (float32 features and logits)."""
+        with autocast_off(x.device):
+            return self(x.float())["logits"].float()
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self(batch["image"])["logits"]
+        logits = self._eval_logits(batch["image"])
         self.val_loss.update(F.cross_entropy(logits, batch["label"]), weight=len(logits))
         self.val_acc.update(logits, batch["label"])
 
@@ -99,7 +106,7 @@ class FeatureNetModule(StageModule):
         self.val_acc.reset()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.test_acc.update(self(batch["image"])["logits"], batch["label"])
+        self.test_acc.update(self._eval_logits(batch["image"]), batch["label"])
 
     def on_test_epoch_end(self) -> None:
         self.log("test/acc", self.test_acc.compute())
