@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,18 @@ def build_callbacks(cfg: DictConfig, stage_dir: Path) -> list[Callback]:
     return callbacks
 
 
+def quiet_intended_warnings() -> None:
+    """Silence two Lightning warnings that every run of ours would print and that describe intent, not bugs:
+    the hint to prepend `srun` (printed on any machine that has Slurm installed, a login node or our test
+    cluster; runs meant for Slurm go through `launcher=slurm`, which does use srun, and the hint names the
+    wrong script), and "modules in eval mode at the start of training" (EMA copies and frozen upstream nets
+    are in eval mode on purpose)."""
+    warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
+
 def build_trainer(cfg: DictConfig, stage_dir: Path, chash: str) -> pl.Trainer:
+    quiet_intended_warnings()
     plugins: list[Any] = [AtomicCheckpointIO()]
     callbacks = build_callbacks(cfg, stage_dir)
     if SLURMEnvironment.detect():

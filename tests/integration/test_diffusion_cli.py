@@ -51,7 +51,10 @@ def test_fast_dev_run(tiny_data, runs, conditioner):
     """Class conditioning trains from cached latents (encoded once by prepare_data), text on the fly."""
     name = f"diffusion_fdr_{conditioner}"
     cache = "stage.cache_latents=" + str(conditioner == "class").lower()
-    train_diffusion(tiny_data, runs, name, "debug=fdr", f"model/conditioner={conditioner}", cache)
+    out = train_diffusion(tiny_data, runs, name, "debug=fdr", f"model/conditioner={conditioner}", cache)
+    log = out.stdout + out.stderr
+    assert "in eval mode at the start of training" not in log  # EMA/frozen nets are eval on purpose
+    assert "command is available on your system but is not used" not in log  # the srun hint, if Slurm is here
     stage = runs / RUN / name
     assert (stage / "latents" / "manifest.json").exists() == (conditioner == "class")
     done = json.loads((stage / "DONE").read_text())
