@@ -81,3 +81,43 @@ def test_datamodule_and_trainer_instantiate(tiny_data):
     assert dm.num_classes == cfg.data.num_classes
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     assert trainer.max_steps == cfg.trainer.max_steps
+
+
+def test_experiment_stage_files_name_an_experiment_and_a_stage():
+    """`optional experiment_stage: ${experiment}/${stage}` skips a file that names nothing, so a misspelt
+    experiment or stage would be ignored silently: every file must name both."""
+    root = CONF / "experiment_stage"
+    files = sorted(root.rglob("*.yaml"))
+    assert files, "no experiment_stage files: the imagenet256_ldm per-stage settings are gone"
+    for path in files:
+        rel = path.relative_to(root)
+        assert len(rel.parts) == 2, f"{rel}: expected <experiment>/<stage>.yaml"
+        assert rel.parts[0] in options("experiment"), f"{rel}: no experiment {rel.parts[0]!r}"
+        assert path.stem in {*options("stage"), "evaluate"}, f"{rel}: no stage {path.stem!r}"
+
+
+def test_experiment_stage_settings_reach_their_stage_only_and_the_command_line_wins():
+    ldm = ["experiment=imagenet256_ldm"]
+    ae = compose_cfg("train", [*ldm, "stage=autoencoder"])
+    assert ae.trainer.max_steps == 200000 and ae.stage.module.loss.disc_start == 50001
+    assert ae.model.perceptual._target_.endswith("LPIPSVGG") and ae.stage.module.rfid_checkpoint is None
+    assert ae.stage.module.perceptual._target_.endswith("LPIPSVGG")  # what the module is built with
+    diffusion = compose_cfg("train", [*ldm, "stage=diffusion"])
+    assert diffusion.trainer.max_steps == 178000 and diffusion.stage.module.optimizer.lr == 1.0e-4
+    assert not diffusion.data.hflip  # the latent cache holds unflipped images
+    classifier = compose_cfg("train", [*ldm, "stage=classifier"])
+    assert classifier.trainer.max_steps == 300000 and classifier.model.classifier.model_channels == 128
+    feature_net = compose_cfg("train", [*ldm, "stage=feature_net"])
+    assert feature_net.trainer.max_steps == 1500  # no file for it: the stage's own default
+    sweep = compose_cfg("evaluate", ldm)
+    assert sweep.model.features._target_.endswith("InceptionFeatures") and sweep.num_samples == 50000
+    assert compose_cfg("evaluate", [*ldm, "guidance=classifier"]).model.features._target_.endswith("InceptionFeatures")
+    assert list(compose_cfg("run", ldm).stages) == ["prepare", "autoencoder", "diffusion", "classifier",
+                                                     "evaluate", "evaluate_classifier"]  # fmt: skip
+    # other experiments keep the stage defaults
+    quick = compose_cfg("train", ["experiment=fashion_mnist_quick", "stage=autoencoder"])
+    assert quick.trainer.max_steps == 1500 and quick.model.perceptual._target_.endswith("domain_perceptual")
+    # the command line beats the experiment's stage file, and debug still applies after it
+    cli = compose_cfg("train", [*ldm, "stage=autoencoder", "trainer.max_steps=7", "stage.module.optimizer.lr=0.1"])
+    assert cli.trainer.max_steps == 7 and cli.stage.module.optimizer.lr == 0.1
+    assert compose_cfg("train", [*ldm, "stage=diffusion", "debug=fdr"]).trainer.fast_dev_run
