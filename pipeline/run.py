@@ -71,14 +71,16 @@ def plan(cfg: DictConfig, argv: list[str]) -> list[Step]:
     if unknown:
         raise ValueError(f"stages={names}: unknown {unknown}; choose from {list(table)}")
     overrides = forwarded_overrides(argv)
-    steps = []
+    steps, used = [], set(accepted("run", [], argv))
     for name in table:  # DAG order, whatever order the user listed them in
+        s = table[name]
+        step = Step(name, s.entry, s.root, list(s.args), bool(s.distributed))
+        step.overrides = accepted(step.root, step.args, overrides)
+        # An override is checked against every stage of the DAG, not only those run now: the same
+        # command line (evaluation settings included) may re-run any subset with `stages=[...]`.
+        used |= set(step.overrides)
         if name in names:
-            s = table[name]
-            step = Step(name, s.entry, s.root, list(s.args), bool(s.distributed))
-            step.overrides = accepted(step.root, step.args, overrides)
             steps.append(step)
-    used = {o for s in steps for o in s.overrides} | set(accepted("run", [], argv))
     ignored = [o for o in argv if o not in used]
     if ignored:
         raise ValueError(f"no stage understands the override(s) {ignored}: check the key names")
