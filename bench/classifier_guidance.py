@@ -29,9 +29,9 @@ from torch import Tensor
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from eval.io import atomic_write_text  # noqa: E402
+from core.images import make_grid_png  # noqa: E402
+from core.io import atomic_write_text  # noqa: E402
 from eval.metrics import class_accuracy  # noqa: E402
-from eval.report import make_grid_png  # noqa: E402
 from lightning_modules.artifacts import (  # noqa: E402
     DiffusionBundle,
     load_classifier,

@@ -23,8 +23,8 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from core.io import atomic_open, atomic_write_json, config_hash, sha256_file
 from datamodules.sources import ArraySource
-from pipeline.common import atomic_write_json, config_hash, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +91,10 @@ def write_split(
     for s, start in enumerate(range(0, len(indices), per_shard)):
         name = f"{split}-{s:05d}.tar"
         final = out_dir / name
-        tmp = out_dir / f".{name}.tmp"
         chunk = indices[start : start + per_shard]
         # A fixed *integer* mtime: byte-identical re-runs, and plain ustar headers. A float mtime (even 0.0)
         # makes tarfile add a PAX header to every member: twice the bytes and twice the read time.
-        with wds.TarWriter(str(tmp), mtime=0) as sink:
+        with atomic_open(final, "wb") as f, wds.TarWriter(f, mtime=0) as sink:
             for idx in chunk:
                 image, label, meta = source.item(int(idx))
                 key = f"{split}_{int(idx):07d}"
@@ -103,9 +102,6 @@ def write_split(
                 meta = {**meta, "label": label, "class_name": class_names[label], "split": split}
                 sink.write({"__key__": key, "png": encode_png(image), "cls": label, "txt": caption, "json": meta})
                 bar.update(1)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
         shards.append({"name": name, "num_samples": len(chunk), "sha256": sha256_file(final),
                        "bytes": final.stat().st_size})  # fmt: skip
     bar.close()

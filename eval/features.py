@@ -19,39 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from eval.io import atomic_open
+from core.images import Images, to_float_nchw, to_uint8_nchw
+from core.io import atomic_open
 from eval.metrics import feature_statistics
 from lightning_modules.nets.feature_net import FeatureNet
 
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_CONFIG_KEY = "model.features.weights_path"
 CHECKPOINT_KEYS = ("feature_net_hparams", "feature_net_state_dict")
-
-Images = np.ndarray | torch.Tensor
-
-
-def to_float_nchw(images: Images) -> torch.Tensor:
-    """uint8 (B, H, W, C) in [0, 255] or float (B, C, H, W) in [-1, 1] -> float (B, C, H, W) in [-1, 1]."""
-    x = torch.as_tensor(images)
-    if x.ndim != 4:
-        raise ValueError(f"images must be 4-d, got shape {tuple(x.shape)}")
-    if x.dtype == torch.uint8:
-        return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return x.float()
-
-
-def to_uint8_nchw(images: Images) -> torch.Tensor:
-    """uint8 (B, H, W, C) or float (B, C, H, W) in [-1, 1] -> uint8 (B, C, H, W).
-
-    Floats are quantised the way samples are saved to samples.npz, so both inputs score the same.
-    """
-    x = torch.as_tensor(images)
-    if x.ndim != 4:
-        raise ValueError(f"images must be 4-d, got shape {tuple(x.shape)}")
-    if x.dtype == torch.uint8:
-        return x.permute(0, 3, 1, 2)
-    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
 
 class FeatureExtractor(nn.Module):
     """A frozen network: images -> {"pooled": (B, D), "logits": (B, K)}.

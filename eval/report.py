@@ -20,9 +20,8 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image, ImageDraw, ImageFont
 
-from eval.io import atomic_write_bytes, atomic_write_text
+from core.io import atomic_write_bytes, atomic_write_text, json_safe
 
 METRIC_NAMES = {
     "fid": "FID",
@@ -32,21 +31,6 @@ METRIC_NAMES = {
     "kid_mean": "KID",
     "class_accuracy": "class accuracy",
 }
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars/arrays -> Python values; non-finite floats -> None (JSON has no NaN)."""
-    if isinstance(value, np.generic | np.ndarray):
-        value = value.tolist()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return value
 
 
 def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -60,7 +44,7 @@ def write_results(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike)
     empty CSV cell and a JSON null; nested values are JSON-encoded in the CSV.
     """
     out_dir = Path(out_dir)
-    plain_rows = [_plain(dict(row)) for row in rows]
+    plain_rows = [json_safe(dict(row)) for row in rows]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=_columns(plain_rows), restval="", lineterminator="\n")
     writer.writeheader()
@@ -174,50 +158,6 @@ def plot_sweep(
     if _plot_tradeoff(ax, rows, x_key, group_key):
         paths["fid_vs_is"] = _save_figure(fig, out_dir / "fid_vs_is.png")
     return paths
-
-
-def _grid_canvas(
-    images: np.ndarray, nrow: int, padding: int, label_height: int
-) -> tuple[Image.Image, int, int]:
-    n, h, w, c = images.shape
-    if c not in (1, 3):
-        raise ValueError(f"images must have 1 or 3 channels, got {c}")
-    ncol_rows = math.ceil(n / nrow)
-    cell_w, cell_h = w + padding, h + label_height + padding
-    canvas = Image.new("L" if c == 1 else "RGB", (nrow * cell_w + padding, ncol_rows * cell_h + padding))
-    return canvas, cell_w, cell_h
-
-
-def make_grid_png(
-    images: np.ndarray,
-    nrow: int,
-    path: str | os.PathLike,
-    labels: Sequence[Any] | None = None,
-    padding: int = 2,
-) -> Path:
-    """Tile uint8 images (N, H, W, C), C in {1, 3}, `nrow` per row, into one PNG written atomically.
-
-    labels: optional per-image text (class names or ids) drawn in a strip under each tile.
-    """
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
-    if labels is not None and len(labels) != len(images):
-        raise ValueError(f"{len(labels)} labels for {len(images)} images")
-    label_height = 12 if labels is not None else 0
-    canvas, cell_w, cell_h = _grid_canvas(images, nrow, padding, label_height)
-    font = ImageFont.load_default()
-    for i, image in enumerate(images):
-        left, top = padding + (i % nrow) * cell_w, padding + (i // nrow) * cell_h
-        canvas.paste(Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image), (left, top))
-        if labels is not None:
-            # Drawn on a tile-wide strip so long labels are clipped instead of spilling onto neighbours.
-            strip = Image.new(canvas.mode, (image.shape[1], label_height))
-            ImageDraw.Draw(strip).text((0, 0), str(labels[i]), fill="white", font=font)
-            canvas.paste(strip, (left, top + image.shape[0]))
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _cell(value: Any) -> str:

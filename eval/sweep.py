@@ -43,8 +43,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from eval.features import FeatureExtractor, extract_features, to_uint8_nchw
-from eval.io import atomic_open, atomic_write_text
+from core.images import make_grid_png, to_uint8_nhwc
+from core.io import atomic_open, atomic_write_json, config_hash, read_json
+from eval.features import FeatureExtractor, extract_features
 from eval.metrics import (
     class_accuracy,
     feature_statistics,
@@ -53,7 +54,7 @@ from eval.metrics import (
     kid,
     precision_recall,
 )
-from eval.report import best_row, describe_machine, make_grid_png, plot_sweep, write_report, write_results
+from eval.report import best_row, describe_machine, plot_sweep, write_report, write_results
 from lightning_modules.artifacts import (
     DiffusionBundle,
     StageMismatchError,
@@ -76,7 +77,6 @@ __all__ = [
     "check_eval_feature_net",
     "class_balanced_labels",
     "collect_rows",
-    "dist_env",
     "expand_settings",
     "format_table",
     "load_samples",
@@ -230,18 +230,6 @@ def batch_ranges(num_samples: int, batch_size: int) -> list[range]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return [range(s, min(s + batch_size, num_samples)) for s in range(0, num_samples, batch_size)]
-
-
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun/Lightning (RANK, WORLD_SIZE, LOCAL_RANK) or Slurm
-    (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID); (0, 1, 0) when neither is set."""
-    env = os.environ
-    if env.get("WORLD_SIZE") and env.get("RANK"):
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if env.get("SLURM_NTASKS") and env.get("SLURM_PROCID") and env.get("SLURM_STEP_ID"):
-        # Only inside an srun step: a batch script itself also sees SLURM_NTASKS but is one process.
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    return 0, 1, 0
 
 
 # --- checks ----------------------------------------------------------------------------------------
@@ -426,7 +414,7 @@ class SampleGenerator:
                        prediction_type=d.prediction_type, seeds=list(seeds), cond_fn=cond_fn,
                        progress=self.progress_steps, device=self.device)  # fmt: skip
         x = d.autoencoder.decode(z.float() / d.scale_factor).clamp(-1.0, 1.0)
-        return to_uint8_nchw(x).permute(0, 2, 3, 1).cpu().numpy()
+        return to_uint8_nhwc(x)
 
 
 # --- sample files ----------------------------------------------------------------------------------
@@ -453,17 +441,6 @@ def load_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """samples.npz -> (uint8 images (N, H, W, C), int64 labels (N,))."""
     with np.load(path) as f:
         return f["arr_0"], f["arr_1"]
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _class_grid(
@@ -575,16 +552,16 @@ class SweepJob:
         }
 
     def samples_hash(self, setting: GuidanceSetting) -> str:
-        return _hash({**self._generation_common(), "setting": setting.as_row(),
+        return config_hash({**self._generation_common(), "setting": setting.as_row(),
                       "generator": self.generator.fingerprint(setting)})  # fmt: skip
 
     def metrics_hash(self, setting: GuidanceSetting) -> str:
-        return _hash({"samples": self.samples_hash(setting), "scorer": self.scorer.fingerprint()})
+        return config_hash({"samples": self.samples_hash(setting), "scorer": self.scorer.fingerprint()})
 
     def sweep_hash(self) -> str:
         """Everything but the settings themselves: rows with this hash belong in one report."""
         generator = self.generator.fingerprint(GuidanceSetting("cfg"))
-        return _hash(
+        return config_hash(
             {**self._generation_common(), "generator": generator, "scorer": self.scorer.fingerprint()}
         )
 
@@ -609,7 +586,7 @@ class SweepJob:
         ("sampled" / "samples exist" on ranks > 0, which never score)."""
         setting_dir = self.out_dir / setting.name
         samples_hash = self.samples_hash(setting)
-        existing = _read_json(setting_dir / "metrics.json") or {}
+        existing = read_json(setting_dir / "metrics.json") or {}
         if not self.force:
             if self.rank == 0 and existing.get("config_hash") == self.metrics_hash(setting):
                 return "skipped (done with this config)", existing
@@ -679,18 +656,8 @@ class SweepJob:
             "grid": str(Path(setting.name) / "grid.png"), "config_hash": self.metrics_hash(setting),
             "samples_hash": samples_hash, "sweep_hash": self.sweep_hash(),
         }  # fmt: skip
-        atomic_write_text(setting_dir / "metrics.json", json.dumps(_jsonable(metrics), indent=2) + "\n")
+        atomic_write_json(setting_dir / "metrics.json", metrics)
         return metrics
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 # --- real images -----------------------------------------------------------------------------------
@@ -740,7 +707,7 @@ def collect_rows(out_dir: str | os.PathLike, sweep_hash: str | None = None) -> l
     `sweep_hash`, only settings made with the same models, sampler, sample count and scorer."""
     rows = []
     for path in sorted(Path(out_dir).glob("*/metrics.json")):
-        metrics = _read_json(path)
+        metrics = read_json(path)
         if metrics is not None and (sweep_hash is None or metrics.get("sweep_hash") == sweep_hash):
             rows.append(metrics)
     return sorted(rows, key=_sort_key)

@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchmetrics
@@ -32,10 +31,9 @@ from pytorch_lightning.loggers import WandbLogger
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from eval.features import to_uint8_nchw
-from eval.io import atomic_write_text
+from core.images import make_grid_png, to_uint8_nhwc
+from core.io import atomic_write_text
 from eval.metrics import fid_from_features
-from eval.report import make_grid_png
 from lightning_modules.artifacts import StageMismatchError, load_feature_net, load_stage_checkpoint
 from lightning_modules.base import StageModule, build_optimizer, warmup_cosine
 from lightning_modules.ema import EMA
@@ -498,9 +496,9 @@ class AutoencoderModule(StageModule):
     def _save_recon_grid(self, inputs: Tensor, recons: Tensor) -> None:
         """Top row inputs, bottom row reconstructions: `<stage dir>/samples/recon_step{N}.png` (+ W&B)."""
         n = min(self.hparams.num_recon_images, len(inputs))
-        images = to_uint8_nchw(torch.cat([inputs[:n], recons[:n]]).float().cpu()).permute(0, 2, 3, 1).numpy()
+        images = to_uint8_nhwc(torch.cat([inputs[:n], recons[:n]]))
         path = Path(self.trainer.default_root_dir) / "samples" / f"recon_step{self.global_step}.png"
-        make_grid_png(np.ascontiguousarray(images), nrow=n, path=path)
+        make_grid_png(images, nrow=n, path=path)
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="val/reconstructions", images=[str(path)], step=self.global_step,

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from pytorch_lightning.loggers import WandbLogger
 from torch import Tensor
 
-from eval.io import atomic_write_bytes
+from core.io import atomic_write_bytes
 from lightning_modules.artifacts import StageMismatchError, load_autoencoder, load_stage_checkpoint
 from lightning_modules.base import StageModule, build_optimizer
 from lightning_modules.diffusion import NoiseSchedule, q_sample

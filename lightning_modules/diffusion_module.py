@@ -20,6 +20,7 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
+from core.images import make_grid_png, to_uint8_nhwc
 from lightning_modules.artifacts import conditioner_spec, load_autoencoder
 from lightning_modules.base import StageModule, build_optimizer, warmup_cosine
 from lightning_modules.diffusion import (
@@ -104,11 +105,6 @@ def grid_conditions(
         "caption": [c for c in captions for _ in range(per_row)],
     }
     return batch, names
-
-
-def to_uint8_images(x: Tensor) -> np.ndarray:
-    """(B, C, H, W) in [-1, 1] -> uint8 (B, H, W, C)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 class DiffusionModule(StageModule):
@@ -335,8 +331,6 @@ class DiffusionModule(StageModule):
         if self._trainer is not None and not self.trainer.is_global_zero:
             return []
         self._sampled_at = self.global_step
-        from eval.report import make_grid_png
-
         batch, titles = self._grid_rows()
         batch["label"] = batch["label"].to(self.device)
         cond = self.ema_conditioner()
@@ -346,7 +340,7 @@ class DiffusionModule(StageModule):
         labels = [titles[i // per_row] if i % per_row == 0 else "" for i in range(len(seeds))]
         paths = []
         for scale in self.hparams.sample_scales:
-            images = to_uint8_images(self.sample_images(condition, float(scale), seeds))
+            images = to_uint8_nhwc(self.sample_images(condition, float(scale), seeds))
             path = Path(self.hparams.samples_dir) / f"step{self.global_step}_s{float(scale):g}.png"
             paths.append(make_grid_png(images, nrow=per_row, path=path, labels=labels))
             self._log_image(f"samples/scale_{float(scale):g}", path, f"step {self.global_step}, scale {scale}")

@@ -22,10 +22,10 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
+from core.io import atomic_open, atomic_write_json, sha256_file
 from datamodules.shards import MANIFEST, ShardChecksumError, load_manifest, verify_shards
 from datamodules.webdata import WebDataModule, raise_naming_shard, urls_for
 from lightning_modules.artifacts import load_autoencoder
-from pipeline.common import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,9 @@ def _batches(dm: WebDataModule, url: str, batch_size: int):
 @torch.no_grad()
 def _write_latent_shard(ae: torch.nn.Module, dm: WebDataModule, url: str, path: Path, batch_size: int,
                         device: torch.device, dtype: np.dtype) -> int:  # fmt: skip
-    tmp = path.with_name(f".{path.name}.tmp")
     count = 0
-    with wds.TarWriter(str(tmp), mtime=0) as sink:  # an int: no PAX header per member (see shards.py)
+    # an int mtime: no PAX header per member (see shards.py)
+    with atomic_open(path, "wb") as f, wds.TarWriter(f, mtime=0) as sink:
         for chunk in _batches(dm, url, batch_size):
             images = torch.stack([s["image"] for s in chunk]).to(device)
             posterior = ae.encode(images)
@@ -66,9 +66,6 @@ def _write_latent_shard(ae: torch.nn.Module, dm: WebDataModule, url: str, path: 
             for s, m in zip(chunk, moments):
                 sink.write({"__key__": s["key"], "moments.npy": m, "cls": s["label"], "txt": s["caption"]})
             count += len(chunk)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return count
 
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -20,7 +18,9 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
-from pipeline.common import atomic_write_json, config_hash, env_rank, read_done, scrub_secrets
+from core.dist import env_rank
+from core.io import atomic_open, atomic_write_json, config_hash, read_json
+from pipeline.common import read_done, scrub_secrets
 from pipeline.preemption import SlurmRequeue
 
 # Trainer keys that say where/how fast a run goes, not what it computes: a change of these does not
@@ -31,19 +31,11 @@ VOLATILE_DATA_KEYS = ("num_workers", "urls")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to a temp file beside the target, then rename: a killed job never leaves half a .ckpt."""
+    """torch.save through `core.io.atomic_open`: a killed job never leaves half a .ckpt."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(path, "wb") as f:  # fsyncs the file and its directory
+            torch.save(checkpoint, f)
 
 
 class TrainTime(Callback):
@@ -90,7 +82,7 @@ def stage_hash(cfg: DictConfig) -> str:
     dataset.pop("datamodule", None)
     upstream = {name: (read_done(path) or {}).get("config_hash") for name, path in upstream_dirs(cfg).items()}
     manifest = Path(cfg.data.dir) / "manifest.json"
-    content = json.loads(manifest.read_text()).get("content_hash") if manifest.exists() else None
+    content = (read_json(manifest) or {}).get("content_hash")
     return config_hash(
         {"stage": data["stage"], "model": data.get("model"), "data": dataset, "trainer": trainer,
          "seed": data.get("seed"), "upstream": upstream, "dataset_content": content}  # fmt: skip
@@ -189,7 +181,7 @@ def supersede_stale(stage_dir: Path, chash: str) -> None:
     marker = stage_dir / "STARTED"
     if env_rank() != 0:
         return
-    previous = json.loads(marker.read_text()).get("config_hash") if marker.exists() else None
+    previous = (read_json(marker) or {}).get("config_hash")
     if previous and previous != chash:
         ckpts = stage_dir / "checkpoints"
         if ckpts.exists():

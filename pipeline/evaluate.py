@@ -14,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from core.dist import dist_env
 from datamodules.shards import manifest_hash
 from eval.features import reference_statistics
 from eval.metrics import check_sample_count
@@ -24,7 +25,6 @@ from eval.sweep import (
     check_data_compatible,
     check_eval_feature_net,
     collect_rows,
-    dist_env,
     expand_settings,
     format_table,
     log_to_wandb,

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from core.io import atomic_write_json
 from pipeline.builders import (
     TrainTime,
     build_trainer,
@@ -19,7 +20,7 @@ from pipeline.builders import (
     supersede_stale,
     upstream_dirs,
 )
-from pipeline.common import atomic_write_json, read_done, save_config, write_done
+from pipeline.common import read_done, save_config, write_done
 from pipeline.preemption import Preempted, requeue_job
 
 log = logging.getLogger(__name__)

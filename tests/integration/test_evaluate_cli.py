@@ -124,14 +124,21 @@ def test_two_ranks_split_the_samples_and_match_one_process(tiny_data, runs, cfg_
     for proc, (_, stderr) in zip(procs, outputs):
         assert proc.returncode == 0, stderr[-4000:]
     assert "cfg_s3: sampled" in outputs[0][0] and "report:" not in outputs[0][0]  # rank 1 only samples
-    # the single-process sweep (batch 20) drew the same samples
+    # The single-process sweep (batch 20) drew the same samples: the noise of sample i comes from its own
+    # seed whatever the batch, but float rounding of the U-Net and decoder depends on the batch a sample is
+    # computed in and on the CPU's kernels (AVX2 and AVX512 differ), so a decoded pixel may land one uint8
+    # level away. What holds on every CPU: no pixel off by more than one level, and at most 0.1% of them.
     two, one = (
-        np.load(eval_dir(runs, name) / "cfg_s3" / "samples.npz")["arr_0"] for name in ("two_ranks", "cfg")
+        np.load(eval_dir(runs, name) / "cfg_s3" / "samples.npz")["arr_0"].astype(int)
+        for name in ("two_ranks", "cfg")
     )
-    np.testing.assert_array_equal(two, one)
+    assert two.shape == one.shape == (40, 32, 32, 1)
+    diff = np.abs(two - one)
+    assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, (diff.max(), (diff > 0).mean())
+    assert len({two[i].tobytes() for i in range(40)}) == 40  # each sample is its own draw, not one repeated
     fids = [json.loads((eval_dir(runs, name) / "cfg_s3" / "metrics.json").read_text())["fid"]
             for name in ("two_ranks", "cfg")]  # fmt: skip
-    assert fids[0] == fids[1]
+    assert fids[0] == pytest.approx(fids[1], rel=1e-3, abs=1e-6)
 
 
 def test_bad_input_exits_before_sampling(tiny_data, runs):

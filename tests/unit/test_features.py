@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from core.images import to_float_nchw
 from eval import features
 from eval.features import DomainFeatures, FeatureExtractor, InceptionFeatures
 from lightning_modules.nets.feature_net import FeatureNet
@@ -164,7 +165,7 @@ class _CountingExtractor(FeatureExtractor):
 
     def forward(self, images):
         self.calls += 1
-        x = features.to_float_nchw(images)
+        x = to_float_nchw(images)
         stats = torch.stack([x.mean(dim=(1, 2, 3)), x.std(dim=(1, 2, 3))], dim=1)
         h = self.proj(stats)
         return {"pooled": h[:, :4], "logits": h[:, 4:]}

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.images import make_grid_png
+from core.io import atomic_open, atomic_write_text
 from eval import report
-from eval.io import atomic_open, atomic_write_text
 
 ROWS = [
     {"guidance": "cfg", "scale": 1.0, "fid": 30.5, "is_mean": 5.0, "is_std": 0.2, "precision": 0.5,
@@ -75,7 +76,7 @@ def test_plot_sweep_skips_missing_metrics_and_groups(tmp_path):
 def test_make_grid_png_layout(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(5, 8, 6, 1), dtype=np.uint8)
-    path = report.make_grid_png(images, nrow=3, path=tmp_path / "grid.png")
+    path = make_grid_png(images, nrow=3, path=tmp_path / "grid.png")
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size == (3 * (6 + 2) + 2, 2 * (8 + 2) + 2)
         grid = np.asarray(im)
@@ -84,21 +85,21 @@ def test_make_grid_png_layout(tmp_path):
     assert grid[:2].max() == 0 and grid[:, 2 + 2 * 8 + 6 :].max() == 0  # padding stays black
 
     rgb = rng.integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)
-    labelled = report.make_grid_png(
+    labelled = make_grid_png(
         rgb, nrow=2, path=tmp_path / "labelled.png", labels=["coat", 3, "bag", "x"]
     )
     with Image.open(labelled) as im:
         assert im.mode == "RGB" and im.size == (2 * 18 + 2, 2 * (16 + 12 + 2) + 2)
         np.testing.assert_array_equal(np.asarray(im)[2:18, 2:18], rgb[0])
     with pytest.raises(ValueError, match="labels"):
-        report.make_grid_png(rgb, nrow=2, path=tmp_path / "bad.png", labels=["one"])
+        make_grid_png(rgb, nrow=2, path=tmp_path / "bad.png", labels=["one"])
 
 
 def test_write_report_links_plots_and_grids(tmp_path):
     sweep = tmp_path / "eval" / "sweep"
     plots = report.plot_sweep(ROWS, "scale", sweep / "plots")
     images = np.zeros((4, 8, 8, 1), dtype=np.uint8)
-    grids = {f"scale {row['scale']}": report.make_grid_png(images, 2, sweep / f"s{row['scale']}" / "grid.png")
+    grids = {f"scale {row['scale']}": make_grid_png(images, 2, sweep / f"s{row['scale']}" / "grid.png")
              for row in ROWS}  # fmt: skip
     meta = {"dataset": "fashion_mnist", "samples per scale": 100, "sampler": "ddim 50 steps",
             "machine": report.describe_machine(), "time": "2024-01-01 00:00"}  # fmt: skip

@@ -8,8 +8,8 @@ import torch
 from omegaconf import OmegaConf
 
 import pipeline  # noqa: F401  (registers the resolvers)
+from core.io import config_hash
 from pipeline import resolvers
-from pipeline.common import config_hash
 
 
 @pytest.mark.parametrize("native,expected", [(True, "bf16-mixed"), (False, "32-true")])

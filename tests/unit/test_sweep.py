@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from core.dist import dist_env
 from eval import sweep
 from eval.sweep import (
     GuidanceSetting,
@@ -21,7 +22,6 @@ from eval.sweep import (
     batch_ranges,
     class_balanced_labels,
     collect_rows,
-    dist_env,
     expand_settings,
     load_samples,
     real_image_batches,

@@ -1,0 +1,138 @@
+"""Atomic, durable file writes and the small serialisation helpers built on them.
+
+Every file the pipeline writes (checkpoints, manifests, shards, results) goes through `atomic_open`:
+a temporary file in the destination directory (same filesystem, so the rename is atomic) is written,
+flushed and fsynced, given the permissions a plain `open` would (the umask is honoured), renamed over
+the destination with `os.replace`, and the directory is fsynced so the rename survives a power cut.
+A killed job never leaves a half-written file where a finished one is expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory so that renames and creations inside it are durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
+    """Open a temporary file beside `path`; on a clean exit it replaces `path`, on error it is removed.
+
+    Creates the parent directory if needed. `mode` must be a write mode ("w", "wb", ...).
+    """
+    if "w" not in mode:
+        raise ValueError(f"atomic_open needs a write mode, got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        # mkstemp makes the file owner-only; outputs get the permissions `open` would give them.
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically and durably; returns the path."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write `text` to `path` atomically and durably; returns the path."""
+    with atomic_open(path, "w", encoding=encoding, newline="") as f:
+        f.write(text)
+    return Path(path)
+
+
+def json_safe(obj: Any) -> Any:
+    """A structure `json.dumps` writes as strict JSON: NaN/inf -> None, numpy scalars and arrays -> Python,
+    tuples -> lists, paths -> str, keys -> str."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "tolist") and type(obj).__module__ == "numpy":  # np.generic and np.ndarray
+        return json_safe(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as indented, key-sorted strict JSON (see `json_safe`), atomically."""
+    return atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+    """The JSON in `path`, or `default` when the file is missing or not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return default
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def to_container(cfg: Any) -> Any:
+    """A resolved plain container of an OmegaConf config; anything else is returned as it is."""
+    if type(cfg).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def config_hash(cfg: Any, keys: Iterable[str] | None = None) -> str:
+    """sha256 of the canonical JSON of a (resolved) config or any JSON-able object; with `keys`, of
+    those top-level keys only. The one hash of the project: stage configs, sweeps, manifests, samples."""
+    data = to_container(cfg)
+    if keys is not None:
+        data = {k: data.get(k) for k in keys}
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
