@@ -98,9 +98,11 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write `obj` as indented, key-sorted strict JSON (see `json_safe`), atomically."""
-    return atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=True, default=str) + "\n")
+def atomic_write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = True) -> Path:
+    """Write `obj` as indented strict JSON (see `json_safe`), keys sorted unless `sort_keys=False` (a
+    row whose column order is meant for readers), atomically."""
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=sort_keys, default=str)
+    return atomic_write_text(path, text + "\n")
 
 
 def read_json(path: str | os.PathLike, default: Any = None) -> Any:

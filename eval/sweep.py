@@ -656,7 +656,7 @@ class SweepJob:
             "grid": str(Path(setting.name) / "grid.png"), "config_hash": self.metrics_hash(setting),
             "samples_hash": samples_hash, "sweep_hash": self.sweep_hash(),
         }  # fmt: skip
-        atomic_write_json(setting_dir / "metrics.json", metrics)
+        atomic_write_json(setting_dir / "metrics.json", metrics, sort_keys=False)
         return metrics
 
 
