@@ -24,17 +24,20 @@ run: setup system-deps
 	$(PY) -m pipeline.run experiment=$(EXPERIMENT) $(ARGS)
 
 test: setup system-deps
+	$(VENV)/bin/lint-imports
 	bash scripts/system_deps.sh slurm
 	bash slurm/local_cluster.sh start
 	$(PY) -m pytest $(ARGS); rc=$$?; bash slurm/local_cluster.sh stop; exit $$rc
 
 test-all: setup system-deps
+	$(VENV)/bin/lint-imports
 	bash scripts/system_deps.sh slurm
 	bash slurm/local_cluster.sh start
 	$(PY) -m pytest -m "" $(ARGS); rc=$$?; bash slurm/local_cluster.sh stop; exit $$rc
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 bench: setup system-deps
 	$(PY) bench/dataloader.py
