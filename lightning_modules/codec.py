@@ -38,7 +38,9 @@ class LatentCodec:
             when unknown.
     """
 
-    def __init__(self, autoencoder: AutoencoderKL, scale_factor: float, fingerprint: str | None = None) -> None:
+    def __init__(
+        self, autoencoder: AutoencoderKL, scale_factor: float, fingerprint: str | None = None
+    ) -> None:
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.scale_factor = float(scale_factor)
         self.fingerprint = fingerprint

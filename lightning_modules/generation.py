@@ -141,7 +141,9 @@ def generate(
         null = conditioner.null_condition(1)
         cond = _context(conditioner, condition if guidance.conditional else null, device)
         uncond = _context(conditioner, null if negative_condition is None else negative_condition, device)
-        denoiser = CFGDenoiser(unet, *cond, *uncond, scale=guidance.cfg_scale, rescale_phi=guidance.rescale_phi)
+        denoiser = CFGDenoiser(
+            unet, *cond, *uncond, scale=guidance.cfg_scale, rescale_phi=guidance.rescale_phi
+        )
         z = sample(denoiser, (len(seeds), *latent_shape), schedule, sampler, prediction_type=prediction_type,
                    seeds=list(seeds), cond_fn=cond_fn, progress=progress, device=device)  # fmt: skip
     return codec.decode_uint8(z)
