@@ -51,7 +51,7 @@ def check_data_compatible(
     (`LatentCodec.check_latents`), the classes the data's."""
     where = f"diffusion checkpoint {diffusion.path}"
     codec = LatentCodec.of(diffusion)
-    codec.check_latents(diffusion.latent_shape, channels, image_size, where)
+    codec.check_latents(diffusion.latent_shape, where, channels, image_size)
     if diffusion.num_classes != num_classes:
         raise StageMismatchError(
             f"{where}: {diffusion.num_classes} classes, the data (data.num_classes) {num_classes}"

@@ -188,6 +188,7 @@ class ClassifierModule(StageModule):
         upstream = self._read_diffusion(diffusion_checkpoint, num_classes)
         self.schedule = NoiseSchedule.from_dict(upstream["schedule"])
         self.latent_shape = [int(s) for s in upstream["latent_shape"]]
+        self.codec.check_latents(self.latent_shape, f"diffusion checkpoint {diffusion_checkpoint}")
         self.net = build_net(net, self.latent_shape, num_classes)
         self.ema = EMA(self.net, decay=ema_decay, power=ema_power) if use_ema else None
         self.optimizer_factory = optimizer

@@ -79,16 +79,23 @@ class LatentCodec:
         return (self.image_channels, h * f, w * f)
 
     def check_latents(
-        self, latent_shape: tuple[int, ...] | list[int], channels: int, image_size: int, where: str
+        self,
+        latent_shape: tuple[int, ...] | list[int],
+        where: str,
+        channels: int | None = None,
+        image_size: int | None = None,
     ) -> None:
         """Refuse latents of `latent_shape` (C, h, w) (e.g. a diffusion checkpoint's) that are not this
-        autoencoder's, or that decode to another shape than the data's (C = channels, H = W = image_size):
-        samples of another shape cannot be compared with the real images. `where` names the source."""
+        autoencoder's; with the data's `channels` and `image_size`, also latents that decode to another
+        shape than (channels, image_size, image_size): samples of another shape cannot be compared with the
+        real images. `where` names the source in the message (StageMismatchError)."""
         z_channels = int(latent_shape[0])
         if z_channels != self.latent_channels:
             raise StageMismatchError(
                 f"{where}: latents have {z_channels} channels, its autoencoder {self.latent_channels}"
             )
+        if channels is None or image_size is None:
+            return
         decoded = self.decoded_shape(latent_shape)
         if decoded != (channels, image_size, image_size):
             raise StageMismatchError(

@@ -2,10 +2,9 @@
 
 Latents come from the frozen autoencoder of stage `autoencoder` (re-loaded from its `final.ckpt` into a
 `LatentCodec`, never part of this module's state), either encoded on the fly or read as cached posterior
-moments. Conditions are
-dropped to the conditioner's null condition with probability `p_uncond`, so one network learns p(z | y) and
-p(z). An EMA of the U-Net (and of a trainable conditioner) is what validation, sample grids and `artifacts()`
-use.
+moments. Conditions are dropped to the conditioner's null condition with probability `p_uncond`, so one
+network learns p(z | y) and p(z). An EMA of the U-Net (and of a trainable conditioner) is what validation,
+sample grids (`lightning_modules.generation.generate`) and `artifacts()` use.
 """
 
 from __future__ import annotations

@@ -244,6 +244,10 @@ def test_class_count_and_latent_shape_conflicts_are_refused(upstream, tmp_path):
         make_module(upstream, net=functools.partial(NET, in_channels=3))
     with pytest.raises(StageMismatchError, match=r"latent_size=16 \(config\) vs 8"):
         make_module(upstream, net=functools.partial(NET, latent_size=16))
+    three_channels = write_diffusion(tmp_path / "diff3.ckpt", upstream["autoencoder"], upstream["fingerprint"],
+                                     latent_shape=[3, 8, 8])  # fmt: skip
+    with pytest.raises(StageMismatchError, match="diff3.ckpt: latents have 3 channels, its autoencoder 4"):
+        make_module(upstream, diffusion=three_channels)
 
 
 def test_schedule_and_latent_shape_come_from_the_diffusion_checkpoint(upstream, tmp_path):

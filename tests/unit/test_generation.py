@@ -143,11 +143,12 @@ def test_codec_shapes_and_checks(tiny_run):
         32,
         32,
     )
-    codec.check_latents([4, 8, 8], channels=1, image_size=32, where="here")
+    codec.check_latents([4, 8, 8], "here", channels=1, image_size=32)
+    codec.check_latents([4, 16, 16], "here")  # no data shape given: the channels alone
     with pytest.raises(StageMismatchError, match="here: latents have 3 channels, its autoencoder 4"):
-        codec.check_latents([3, 8, 8], channels=1, image_size=32, where="here")
+        codec.check_latents([3, 8, 8], "here")
     with pytest.raises(StageMismatchError, match=r"decoded samples are \(1, 32, 32\).*\(3, 32, 32\)"):
-        codec.check_latents([4, 8, 8], channels=3, image_size=32, where="here")
+        codec.check_latents([4, 8, 8], "here", channels=3, image_size=32)
     with pytest.raises(ValueError):
         codec.latent_shape(30)  # not divisible by the autoencoder's downsampling
 
