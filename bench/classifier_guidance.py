@@ -29,7 +29,7 @@ from torch import Tensor
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from core.images import make_grid_png  # noqa: E402
+from core.images import make_grid_png, to_float_nchw  # noqa: E402
 from core.io import atomic_write_text  # noqa: E402
 from eval.metrics import class_accuracy  # noqa: E402
 from lightning_modules.artifacts import (  # noqa: E402
@@ -38,13 +38,9 @@ from lightning_modules.artifacts import (  # noqa: E402
     load_diffusion,
     load_feature_net,
 )
-from lightning_modules.diffusion import (  # noqa: E402
-    CFGDenoiser,
-    DDIMSampler,
-    DDPMSampler,
-    classifier_cond_fn,
-    sample,
-)
+from lightning_modules.codec import LatentCodec  # noqa: E402
+from lightning_modules.diffusion import DDIMSampler, DDPMSampler  # noqa: E402
+from lightning_modules.generation import GuidanceSetting, generate  # noqa: E402
 from lightning_modules.nets.conditioners import ClassConditioner  # noqa: E402
 
 
@@ -81,23 +77,14 @@ def class_balanced_labels(num_samples: int, num_classes: int) -> Tensor:
     return torch.arange(num_samples) % num_classes
 
 
-def make_denoiser(bundle: DiffusionBundle, labels: Tensor, cfg_scale: float | None) -> CFGDenoiser:
-    """The U-Net on the null condition (unconditional), or with classifier-free guidance at `cfg_scale`
-    towards `labels` (B,) (class conditioners only)."""
-    cond = bundle.conditioner
-    null_context, null_mask = cond(cond.null_condition(len(labels)))
+def guidance(s_cls: float, cfg_scale: float | None) -> GuidanceSetting:
+    """Unconditional sampling (the null condition) steered by the classifier alone, or classifier-free
+    guidance at `cfg_scale` with the classifier on top."""
     if cfg_scale is None:
-        # With scale 1 only the "conditional" half runs, which here is the null condition: eps(z_t, t, null).
-        return CFGDenoiser(bundle.unet, null_context, null_mask, null_context, null_mask, scale=1.0)
-    if not isinstance(cond, ClassConditioner):
-        raise ValueError(
-            f"--cfg-scale needs a class-conditioned diffusion model, this one has {type(cond).__name__}"
-        )
-    context, mask = cond(labels)
-    return CFGDenoiser(bundle.unet, context, mask, null_context, null_mask, scale=cfg_scale)
+        return GuidanceSetting("classifier", cls_scale=s_cls)
+    return GuidanceSetting("both", cfg_scale=cfg_scale, cls_scale=s_cls)
 
 
-@torch.no_grad()
 def guided_samples(
     bundle: DiffusionBundle,
     classifier: Callable[[Tensor, Tensor], Tensor],
@@ -107,25 +94,17 @@ def guided_samples(
     seeds: Sequence[int],
     cfg_scale: float | None,
     device: torch.device,
-) -> Tensor:
-    """Decoded images (B, C, H, W) in [-1, 1] for `labels` (B,) under classifier guidance scale s_cls."""
+) -> np.ndarray:
+    """uint8 images (B, H, W, C) for `labels` (B,) under classifier guidance scale s_cls (`generate`)."""
+    if cfg_scale is not None and not isinstance(bundle.conditioner, ClassConditioner):
+        raise ValueError(
+            f"--cfg-scale needs a class-conditioned diffusion model, this one has {type(bundle.conditioner).__name__}"
+        )
     labels = labels.to(device)
-    z = sample(
-        make_denoiser(bundle, labels, cfg_scale),
-        (len(labels), *bundle.latent_shape),
-        bundle.schedule,
-        sampler,
-        prediction_type=bundle.prediction_type,
-        seeds=seeds,
-        cond_fn=classifier_cond_fn(classifier, labels, s_cls),
-        device=device,
-    )
-    return bundle.autoencoder.decode(z / bundle.scale_factor).clamp(-1, 1)
-
-
-def to_uint8(images: Tensor) -> np.ndarray:
-    """(B, C, H, W) in [-1, 1] -> uint8 (B, H, W, C)."""
-    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    codec = LatentCodec.of(bundle)
+    return generate(bundle.unet, codec, bundle.conditioner, guidance(s_cls, cfg_scale), sampler, bundle.schedule,
+                    bundle.prediction_type, labels, list(seeds), latent_shape=bundle.latent_shape, labels=labels,
+                    classifier=classifier, device=device)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -153,10 +132,10 @@ def run(args: argparse.Namespace) -> list[dict]:
             y = labels[lo : lo + args.batch_size]
             seeds = range(args.seed + lo, args.seed + lo + len(y))
             images = guided_samples(bundle, classifier, y, s_cls, sampler, seeds, args.cfg_scale, device)
-            with torch.no_grad():
-                logits.append(feature_net(images)["logits"].float().cpu())
+            with torch.no_grad():  # scored as stored: the uint8 samples, as the evaluation job scores them
+                logits.append(feature_net(to_float_nchw(images).to(device))["logits"].float().cpu())
             if lo == 0:
-                grid = to_uint8(images[: 8 * bundle.num_classes])
+                grid = images[: 8 * bundle.num_classes]
         acc = class_accuracy(torch.cat(logits), labels)
         rows.append({"s_cls": s_cls, "accuracy": acc, "seconds": time.perf_counter() - start})
         print(f"s_cls {s_cls:6.2f}   accuracy {acc:.4f}   ({rows[-1]['seconds']:.1f} s)", flush=True)

@@ -4,7 +4,8 @@ the eval-role feature net (the network the model never saw), per classifier-free
     python bench/sample_accuracy.py RUN_DIR [--per-class 20] [--scales 1 3] [--steps 25]
 
 RUN_DIR holds diffusion/ and feature_net_eval/ (e.g. runs/fashion_mnist_quick/fashion_mnist). Sampling goes
-through the same path as the stage's grids and the evaluation job (`guided_denoiser` + `sample`).
+through the same path as the stage's grids and the evaluation job (`lightning_modules.generation.generate`);
+the uint8 samples are scored as the evaluation job scores them.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.images import to_float_nchw  # noqa: E402
 from lightning_modules.artifacts import load_diffusion, load_feature_net  # noqa: E402
-from lightning_modules.diffusion import DDIMSampler, sample  # noqa: E402
-from lightning_modules.diffusion_module import guided_denoiser  # noqa: E402
+from lightning_modules.codec import LatentCodec  # noqa: E402
+from lightning_modules.diffusion import DDIMSampler  # noqa: E402
+from lightning_modules.generation import GuidanceSetting, generate  # noqa: E402
 
 
 @torch.no_grad()
@@ -28,16 +31,16 @@ def accuracy(run_dir: Path, checkpoint: str, per_class: int, scale: float, steps
              seed: int) -> tuple[float, int]:  # fmt: skip
     bundle = load_diffusion(run_dir / "diffusion" / "checkpoints" / checkpoint)
     scorer = load_feature_net(run_dir / "feature_net_eval" / "checkpoints" / "final.ckpt")
+    codec = LatentCodec.of(bundle)
     labels = torch.arange(bundle.num_classes).repeat_interleave(per_class)
     correct = 0
     for start in range(0, len(labels), batch):
         y = labels[start : start + batch]
         seeds = list(range(seed + start, seed + start + len(y)))
-        denoiser = guided_denoiser(bundle.unet, bundle.conditioner, y, scale)
-        z = sample(denoiser, (len(y), *bundle.latent_shape), bundle.schedule, DDIMSampler(num_steps=steps),
-                   prediction_type=bundle.prediction_type, seeds=seeds)  # fmt: skip
-        images = bundle.autoencoder.decode(z / bundle.scale_factor).clamp(-1, 1)
-        correct += int((scorer(images)["logits"].argmax(-1) == y).sum())
+        images = generate(bundle.unet, codec, bundle.conditioner, GuidanceSetting("cfg", cfg_scale=scale),
+                          DDIMSampler(num_steps=steps), bundle.schedule, bundle.prediction_type, y, seeds,
+                          latent_shape=bundle.latent_shape)  # fmt: skip
+        correct += int((scorer(to_float_nchw(images))["logits"].argmax(-1) == y).sum())
     return correct / len(labels), len(labels)
 
 

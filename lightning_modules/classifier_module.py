@@ -24,11 +24,11 @@ from pytorch_lightning.loggers import WandbLogger
 from torch import Tensor
 
 from core.io import atomic_write_bytes
-from lightning_modules.artifacts import StageMismatchError, load_autoencoder, load_stage_checkpoint
+from lightning_modules.artifacts import StageMismatchError, load_stage_checkpoint
 from lightning_modules.base import StageModule, build_optimizer
-from lightning_modules.diffusion import NoiseSchedule, q_sample
+from lightning_modules.codec import LatentCodec
+from lightning_modules.diffusion import NoiseSchedule, bucket_centres, q_sample, timestep_buckets
 from lightning_modules.ema import EMA
-from lightning_modules.nets.autoencoder import DiagonalGaussian
 from lightning_modules.nets.classifier import NoisyLatentClassifier
 
 # Constructor arguments of the classifier that the upstream latents decide, not the model config.
@@ -66,17 +66,6 @@ def linear_anneal(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total_steps))
 
 
-def timestep_bucket(t: Tensor, num_timesteps: int, num_buckets: int) -> Tensor:
-    """Bucket i holds the timesteps i T / n <= t < (i + 1) T / n. t: long (B,) -> long (B,) in [0, n)."""
-    return torch.div(t * num_buckets, num_timesteps, rounding_mode="floor")
-
-
-def bucket_centres(num_timesteps: int, num_buckets: int) -> list[float]:
-    """Mean timestep of each bucket of `timestep_bucket` (its first and last integer t averaged)."""
-    edges = [math.ceil(i * num_timesteps / num_buckets) for i in range(num_buckets + 1)]
-    return [(edges[i] + edges[i + 1] - 1) / 2 for i in range(num_buckets)]
-
-
 class BucketedAccuracy(torchmetrics.Metric):
     """Accuracy and mean cross-entropy, overall and per timestep bucket.
 
@@ -96,7 +85,7 @@ class BucketedAccuracy(torchmetrics.Metric):
 
     def update(self, logits: Tensor, labels: Tensor, t: Tensor) -> None:
         """logits (B, K), labels long (B,), t long (B,) training timesteps."""
-        bucket = timestep_bucket(t, self.num_timesteps, self.num_buckets)
+        bucket = timestep_buckets(t, self.num_timesteps, self.num_buckets)
         hits = (logits.argmax(dim=-1) == labels).long()
         losses = F.cross_entropy(logits.float(), labels, reduction="none").double()
         self.correct.index_add_(0, bucket, hits)
@@ -153,8 +142,8 @@ class ClassifierModule(StageModule):
     """Trains a `NoisyLatentClassifier` on latents of the frozen autoencoder under the diffusion stage's
     noise schedule; its checkpoint carries the (EMA) classifier for classifier guidance.
 
-    The autoencoder is held outside the module tree: it is neither trained, nor wrapped by DDP, nor saved
-    in this stage's checkpoints (its fingerprint is).
+    The autoencoder is held by a `LatentCodec`, outside the module tree: it is neither trained, nor wrapped
+    by DDP, nor saved in this stage's checkpoints (its fingerprint is).
 
     Args:
         net: `_partial_` factory of the classifier; in_channels, latent_size and num_classes are filled
@@ -193,13 +182,13 @@ class ClassifierModule(StageModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer"])
-        autoencoder, self.scale_factor, self.autoencoder_fingerprint = load_autoencoder(
-            autoencoder_checkpoint
-        )
-        self._frozen = {"autoencoder": autoencoder}  # a plain dict: not a submodule, not in state_dict
+        # A plain object, not a submodule: the frozen autoencoder stays out of state_dict and optimiser.
+        self.codec = LatentCodec.load(autoencoder_checkpoint)
+        self.autoencoder_fingerprint = self.codec.fingerprint
         upstream = self._read_diffusion(diffusion_checkpoint, num_classes)
         self.schedule = NoiseSchedule.from_dict(upstream["schedule"])
         self.latent_shape = [int(s) for s in upstream["latent_shape"]]
+        self.codec.check_latents(self.latent_shape, f"diffusion checkpoint {diffusion_checkpoint}")
         self.net = build_net(net, self.latent_shape, num_classes)
         self.ema = EMA(self.net, decay=ema_decay, power=ema_power) if use_ema else None
         self.optimizer_factory = optimizer
@@ -237,7 +226,7 @@ class ClassifierModule(StageModule):
             "autoencoder_fingerprint": self.autoencoder_fingerprint,
             "autoencoder_checkpoint": str(self.hparams.autoencoder_checkpoint),
             "diffusion_checkpoint": str(self.hparams.diffusion_checkpoint),
-            "latent_scale_factor": self.scale_factor,
+            "latent_scale_factor": self.codec.scale_factor,
             "num_classes": int(self.hparams.num_classes),
         }
 
@@ -247,20 +236,10 @@ class ClassifierModule(StageModule):
         return self.ema.shadow if self.ema is not None else self.net
 
     # --- data -> noisy latents ---------------------------------------------------------------------
-    @torch.no_grad()
     def encode(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
         """Scaled clean latents z_0 = E(x) * scale, float32 (B, c, h, w), from `batch["image"]` (B, C, H, W)
-        in [-1, 1], or from cached posterior moments `batch["moments"]` (B, 2c, h, w) (mean and log-variance,
-        as `lightning_modules.latent_cache` writes them) when the batch has them."""
-        if "moments" in batch:
-            posterior = DiagonalGaussian(batch["moments"].float())
-        else:
-            autoencoder = self._frozen["autoencoder"]
-            if next(autoencoder.parameters()).device != batch["image"].device:
-                autoencoder.to(batch["image"].device)
-            posterior = autoencoder.encode(batch["image"])
-        z = posterior.sample(generator) if self.hparams.sample_posterior else posterior.mode()
-        return z.float() * self.scale_factor
+        in [-1, 1], or from cached posterior moments `batch["moments"]` (`LatentCodec.encode_batch`)."""
+        return self.codec.encode_batch(batch, generator, self.hparams.sample_posterior)
 
     def noisy_batch(
         self, batch: dict[str, Any], generator: torch.Generator | None = None

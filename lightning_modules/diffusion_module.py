@@ -1,10 +1,10 @@
 """Stage `diffusion`: a latent U-Net trained for classifier-free guidance (Ho & Salimans 2022, Algorithm 1).
 
-Latents come from the frozen autoencoder of stage `autoencoder` (re-loaded from its `final.ckpt`, never part
-of this module's state), either encoded on the fly or read as cached posterior moments. Conditions are
-dropped to the conditioner's null condition with probability `p_uncond`, so one network learns p(z | y) and
-p(z). An EMA of the U-Net (and of a trainable conditioner) is what validation, sample grids and `artifacts()`
-use.
+Latents come from the frozen autoencoder of stage `autoencoder` (re-loaded from its `final.ckpt` into a
+`LatentCodec`, never part of this module's state), either encoded on the fly or read as cached posterior
+moments. Conditions are dropped to the conditioner's null condition with probability `p_uncond`, so one
+network learns p(z | y) and p(z). An EMA of the U-Net (and of a trainable conditioner) is what validation,
+sample grids (`lightning_modules.generation.generate`) and `artifacts()` use.
 """
 
 from __future__ import annotations
@@ -20,22 +20,23 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
-from core.images import make_grid_png, to_uint8_nhwc
-from lightning_modules.artifacts import conditioner_spec, load_autoencoder
+from core.images import make_grid_png
+from lightning_modules.artifacts import conditioner_spec
 from lightning_modules.base import StageModule, build_optimizer, warmup_cosine
+from lightning_modules.codec import LatentCodec
 from lightning_modules.diffusion import (
     PREDICTION_TYPES,
-    CFGDenoiser,
     NoiseSchedule,
     Sampler,
+    bucket_centres,
     min_snr_weight,
     q_sample,
-    sample,
     seeded_noise,
+    timestep_buckets,
     training_target,
 )
 from lightning_modules.ema import EMA
-from lightning_modules.nets.autoencoder import AutoencoderKL, DiagonalGaussian
+from lightning_modules.generation import GuidanceSetting, generate
 from lightning_modules.nets.conditioners import Conditioner
 from lightning_modules.nets.unet import UNet
 
@@ -69,27 +70,9 @@ def diffusion_loss(
     return loss
 
 
-def timestep_buckets(t: Tensor, num_timesteps: int, num_buckets: int) -> Tensor:
-    """Bucket index floor(t * K / T) in [0, K) of each timestep, long (B,)."""
-    return t * num_buckets // num_timesteps
-
-
-def bucket_centres(num_timesteps: int, num_buckets: int) -> list[int]:
-    """The middle timestep of each of the K equal buckets of [0, T): floor((2k + 1) T / 2K)."""
-    return [(2 * k + 1) * num_timesteps // (2 * num_buckets) for k in range(num_buckets)]
-
-
 def key_seeds(keys: Sequence[str]) -> list[int]:
     """A noise seed per sample from its shard key (crc32): independent of rank, batch and loader order."""
     return [zlib.crc32(str(k).encode()) for k in keys]
-
-
-def guided_denoiser(unet: DenoiserNet, conditioner: Conditioner, condition: Any, scale: float) -> CFGDenoiser:
-    """Classifier-free guidance over `condition` (B items); the unconditional half uses the conditioner's
-    null condition, the very input label dropout trains it on."""
-    context, mask = conditioner(condition)
-    null_context, null_mask = conditioner(conditioner.null_condition(1))
-    return CFGDenoiser(unet, context, mask, null_context, null_mask, scale)
 
 
 def grid_conditions(
@@ -171,15 +154,14 @@ class DiffusionModule(StageModule):
             raise ValueError(f"p_uncond must be in [0, 1), got {p_uncond}")
         sample_scales = [float(s) for s in sample_scales]  # plain floats in hparams: checkpoints load weights_only
         self.save_hyperparameters(ignore=["unet", "conditioner", "schedule", "sampler", "optimizer"])
-        ae, self.scale_factor, self.autoencoder_fingerprint = load_autoencoder(autoencoder_checkpoint)
-        ae.validate_input_shape(ae.in_channels, image_size, image_size)
-        # Not a submodule: frozen, re-loaded from its own file, so never in this stage's state_dict.
-        self.__dict__["_autoencoder"] = ae
+        # A plain object, not a submodule: the frozen autoencoder stays out of state_dict and optimiser.
+        self.codec = LatentCodec.load(autoencoder_checkpoint)
+        self.autoencoder_fingerprint = self.codec.fingerprint
         self.autoencoder_checkpoint = os.path.abspath(autoencoder_checkpoint)
-        f = ae.downsample_factor
-        self.latent_shape = (ae.z_channels, image_size // f, image_size // f)
+        self.latent_shape = self.codec.latent_shape(image_size)
         self.conditioner = conditioner
-        self.unet = unet(in_channels=ae.z_channels, out_channels=ae.z_channels, context_dim=conditioner.context_dim)
+        z_channels = self.codec.latent_channels
+        self.unet = unet(in_channels=z_channels, out_channels=z_channels, context_dim=conditioner.context_dim)
         self.ema = EMA(self.unet, decay=ema_decay, warmup=ema_warmup)
         trainable_cond = any(p.requires_grad for p in conditioner.parameters())
         self.conditioner_ema = EMA(conditioner, decay=ema_decay, warmup=ema_warmup) if trainable_cond else None
@@ -193,31 +175,11 @@ class DiffusionModule(StageModule):
         self._sampled_at = -1
 
     # --- the frozen first stage ----------------------------------------------------------------------
-    def frozen_autoencoder(self) -> AutoencoderKL:
-        ae = self.__dict__["_autoencoder"]
-        if next(ae.parameters()).device != self.device:
-            ae.to(self.device)
-        return ae
-
-    @torch.no_grad()
     def encode_latents(self, batch: dict[str, Any], generator: torch.Generator | None = None,
                        sample_posterior: bool = True) -> Tensor:  # fmt: skip
-        """z0 = scale_factor * (a draw from, or the mean of) q(z | x), float32 (B, C, h, w).
-
-        From cached posterior moments (`batch["moments"]`, (B, 2C, h, w) = mean and log-variance) when the
-        batch has them, else by encoding `batch["image"]`.
-        """
-        if "moments" in batch:
-            posterior = DiagonalGaussian(batch["moments"].float())
-        else:
-            posterior = self.frozen_autoencoder().encode(batch["image"])
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        return z.float() * self.scale_factor
-
-    @torch.no_grad()
-    def decode_latents(self, z: Tensor) -> Tensor:
-        """(B, C, h, w) scaled latents -> images (B, C_img, H, W), clamped to [-1, 1]."""
-        return self.frozen_autoencoder().decode(z / self.scale_factor).float().clamp(-1, 1)
+        """z0 = scale_factor * (a draw from, or the mean of) q(z | x), float32 (B, C, h, w), from cached
+        posterior moments or the batch's images (`LatentCodec.encode_batch`)."""
+        return self.codec.encode_batch(batch, generator, sample_posterior)
 
     # --- training ----------------------------------------------------------------------------------------
     def _generator(self) -> torch.Generator:
@@ -310,12 +272,12 @@ class DiffusionModule(StageModule):
 
     # --- sample grids ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample_images(self, condition: Any, scale: float, seeds: Sequence[int]) -> Tensor:
-        """Decoded EMA samples (B, C, H, W) in [-1, 1] for B conditions at guidance scale `scale`."""
-        denoiser = guided_denoiser(self.ema.shadow, self.ema_conditioner(), condition, scale)
-        z = sample(denoiser, (len(seeds), *self.latent_shape), self.schedule, self.sampler,
-                   prediction_type=self.hparams.prediction_type, seeds=seeds, device=self.device)  # fmt: skip
-        return self.decode_latents(z)
+    def sample_images(self, condition: Any, scale: float, seeds: Sequence[int]) -> np.ndarray:
+        """EMA samples, uint8 (B, H, W, C), for B conditions at classifier-free guidance scale `scale`; the
+        unconditional half uses the conditioner's null condition, the very input label dropout trains."""
+        return generate(self.ema.shadow, self.codec, self.ema_conditioner(), GuidanceSetting("cfg", cfg_scale=scale),
+                        self.sampler, self.schedule, self.hparams.prediction_type, condition, seeds,
+                        latent_shape=self.latent_shape, device=self.device)  # fmt: skip
 
     def _grid_rows(self) -> tuple[dict[str, Any], list[str]]:
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -340,7 +302,7 @@ class DiffusionModule(StageModule):
         labels = [titles[i // per_row] if i % per_row == 0 else "" for i in range(len(seeds))]
         paths = []
         for scale in self.hparams.sample_scales:
-            images = to_uint8_nhwc(self.sample_images(condition, float(scale), seeds))
+            images = self.sample_images(condition, float(scale), seeds)
             path = Path(self.hparams.samples_dir) / f"step{self.global_step}_s{float(scale):g}.png"
             paths.append(make_grid_png(images, nrow=per_row, path=path, labels=labels))
             self._log_image(f"samples/scale_{float(scale):g}", path, f"step {self.global_step}, scale {scale}")
@@ -388,6 +350,6 @@ class DiffusionModule(StageModule):
             "latent_shape": list(self.latent_shape),
             "autoencoder_checkpoint": self.autoencoder_checkpoint,
             "autoencoder_fingerprint": self.autoencoder_fingerprint,
-            "latent_scale_factor": float(self.scale_factor),
+            "latent_scale_factor": float(self.codec.scale_factor),
             "num_classes": int(self.hparams.num_classes),
         }

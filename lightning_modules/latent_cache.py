@@ -25,7 +25,7 @@ from tqdm import tqdm
 from core.io import atomic_open, atomic_write_json, sha256_file
 from datamodules.shards import MANIFEST, ShardChecksumError, load_manifest, verify_shards
 from datamodules.webdata import WebDataModule, raise_naming_shard, urls_for
-from lightning_modules.artifacts import load_autoencoder
+from lightning_modules.codec import LatentCodec
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,14 @@ def _batches(dm: WebDataModule, url: str, batch_size: int):
 
 
 @torch.no_grad()
-def _write_latent_shard(ae: torch.nn.Module, dm: WebDataModule, url: str, path: Path, batch_size: int,
+def _write_latent_shard(codec: LatentCodec, dm: WebDataModule, url: str, path: Path, batch_size: int,
                         device: torch.device, dtype: np.dtype) -> int:  # fmt: skip
     count = 0
     # an int mtime: no PAX header per member (see shards.py)
     with atomic_open(path, "wb") as f, wds.TarWriter(f, mtime=0) as sink:
         for chunk in _batches(dm, url, batch_size):
             images = torch.stack([s["image"] for s in chunk]).to(device)
-            posterior = ae.encode(images)
-            moments = torch.cat([posterior.mean, posterior.logvar], dim=1)  # (B, 2C, h, w)
-            moments = moments.float().cpu().numpy().astype(dtype)
+            moments = codec.moments(images).float().cpu().numpy().astype(dtype)  # (B, 2C, h, w)
             for s, m in zip(chunk, moments):
                 sink.write({"__key__": s["key"], "moments.npy": m, "cls": s["label"], "txt": s["caption"]})
             count += len(chunk)
@@ -90,8 +88,8 @@ def ensure_latent_cache(
     One latent shard per image shard (same name). Returns the cache manifest.
     """
     cache_dir = Path(cache_dir)
-    ae, _, fingerprint = load_autoencoder(autoencoder_checkpoint)
-    identity = cache_identity(fingerprint, dm, dtype)
+    codec = LatentCodec.load(autoencoder_checkpoint)
+    identity = cache_identity(codec.fingerprint, dm, dtype)
     if (cache_dir / MANIFEST).exists():
         old = load_manifest(cache_dir)
         if old.get("identity") == identity:
@@ -103,14 +101,14 @@ def ensure_latent_cache(
                 log.warning("latent cache %s is damaged (%s): re-encoding", cache_dir, err)
         (cache_dir / MANIFEST).unlink()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    ae.to(device)
+    codec.to(device)
     shards, total = [], 0
     for url in tqdm(dm._urls("train"), desc="encoding latents", unit="shard", disable=not progress):
         path = cache_dir / Path(url).name
-        n = _write_latent_shard(ae, dm, url, path, batch_size, torch.device(device), np.dtype(dtype))
+        n = _write_latent_shard(codec, dm, url, path, batch_size, torch.device(device), np.dtype(dtype))
         shards.append({"name": path.name, "num_samples": n, "sha256": sha256_file(path)})
         total += n
-    manifest = {"identity": identity, "latent_channels": ae.z_channels,
+    manifest = {"identity": identity, "latent_channels": codec.latent_channels,
                 "splits": {"train": {"num_samples": total, "shards": shards}}}  # fmt: skip
     atomic_write_json(cache_dir / MANIFEST, manifest)
     return manifest

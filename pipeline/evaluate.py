@@ -1,6 +1,7 @@
 """`python -m pipeline.evaluate [guidance=cfg|classifier|both] [sweep_index=i] [report_only=true] ...`
 
-A guidance sweep scored with FID / IS / precision-recall / class accuracy; the logic is `eval/sweep.py`.
+A guidance sweep scored with FID / IS / precision-recall / class accuracy; the logic is in `eval/` (settings,
+checks, generator, job, samples, scoring, sweep_report, wandb_log).
 """
 
 from __future__ import annotations
@@ -16,22 +17,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.dist import dist_env
 from datamodules.shards import manifest_hash
+from eval.checks import check_data_compatible, check_eval_feature_net
 from eval.features import reference_statistics
+from eval.generator import SampleGenerator
+from eval.job import SweepJob
 from eval.metrics import check_sample_count
-from eval.sweep import (
-    SampleGenerator,
-    Scorer,
-    SweepJob,
-    check_data_compatible,
-    check_eval_feature_net,
-    collect_rows,
-    expand_settings,
-    format_table,
-    log_to_wandb,
-    real_image_batches,
-    select_setting,
-    write_sweep_report,
-)
+from eval.scoring import Scorer, real_image_batches
+from eval.settings import expand_settings, select_setting
+from eval.sweep_report import collect_rows, format_table, write_sweep_report
+from eval.wandb_log import log_to_wandb
 from lightning_modules.artifacts import load_classifier, load_diffusion
 from pipeline.common import save_config, scrub_secrets
 

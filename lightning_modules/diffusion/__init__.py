@@ -3,6 +3,7 @@
 No Lightning, Hydra or W&B here: everything is testable with tensors alone.
 """
 
+from .buckets import bucket_centres, timestep_buckets
 from .guidance import (
     CFGDenoiser,
     cfg_combine,
@@ -33,6 +34,7 @@ __all__ = [
     "PREDICTION_TYPES",
     "Sampler",
     "TIMESTEP_SPACINGS",
+    "bucket_centres",
     "cfg_combine",
     "classifier_cond_fn",
     "classifier_grad",
@@ -49,5 +51,6 @@ __all__ = [
     "sample",
     "seeded_noise",
     "snr",
+    "timestep_buckets",
     "training_target",
 ]

@@ -82,11 +82,15 @@ def _add_noise(mean: Tensor, variance: float, noise: Tensor | None) -> Tensor:
 
 
 class Sampler(Protocol):
-    """What the sampling loop needs from a sampler."""
+    """What the sampling loop needs from a sampler.
+
+    The loop computes the chain once (`timesteps`) and hands each step its successor `prev_t` (-1 after
+    the last step); without it, `needs_noise` and `step` look t up on the chain themselves (one-off calls).
+    """
 
     def timesteps(self, schedule: NoiseSchedule) -> Tensor: ...
 
-    def needs_noise(self, schedule: NoiseSchedule, t: int) -> bool: ...
+    def needs_noise(self, schedule: NoiseSchedule, t: int, prev_t: int | None = None) -> bool: ...
 
     def step(
         self,
@@ -96,6 +100,7 @@ class Sampler(Protocol):
         x_t: Tensor,
         noise: Tensor | None,
         grad: Tensor | None = None,
+        prev_t: int | None = None,
     ) -> dict[str, Tensor | float]: ...
 
 
@@ -118,9 +123,11 @@ class _RespacedSampler:
         """Training timesteps visited, descending, long (num_steps,)."""
         return make_timesteps(schedule.num_timesteps, self.num_steps, self.spacing)
 
-    def prev_timestep(self, schedule: NoiseSchedule, t: int) -> int:
-        """The next (smaller) timestep of the chain after t; -1 after the last step."""
-        return _prev_timestep(self.timesteps(schedule), t)
+    def prev_timestep(self, schedule: NoiseSchedule, t: int, prev_t: int | None = None) -> int:
+        """The next (smaller) timestep of the chain after t; -1 after the last step. A given `prev_t` (the
+        loop's, from the chain it computed once) is used as is: rebuilding the chain on every step costs a
+        `make_timesteps` and a search per call."""
+        return _prev_timestep(self.timesteps(schedule), t) if prev_t is None else int(prev_t)
 
     def _x0_and_eps(self, x_t: Tensor, eps: Tensor, abar_t: float) -> tuple[Tensor, Tensor]:
         """x0_hat, optionally clipped, and the eps consistent with it (guided-diffusion's DDIM does the same)."""
@@ -144,15 +151,15 @@ class DDPMSampler(_RespacedSampler):
     spacing: str = "leading"
     clip_x0: float | None = None
 
-    def needs_noise(self, schedule: NoiseSchedule, t: int) -> bool:
-        return self.prev_timestep(schedule, t) >= 0
+    def needs_noise(self, schedule: NoiseSchedule, t: int, prev_t: int | None = None) -> bool:
+        return self.prev_timestep(schedule, t, prev_t) >= 0
 
     def mean_variance(
-        self, schedule: NoiseSchedule, eps: Tensor, t: int, x_t: Tensor
+        self, schedule: NoiseSchedule, eps: Tensor, t: int, x_t: Tensor, prev_t: int | None = None
     ) -> dict[str, Tensor | float]:
         """Mean (B, ...) and variance (float) of p(x_t' | x_t), and x0_hat (B, ...)."""
         abar_t = _abar(schedule, t)
-        abar_prev = _abar(schedule, self.prev_timestep(schedule, t))
+        abar_prev = _abar(schedule, self.prev_timestep(schedule, t, prev_t))
         beta = 1.0 - abar_t / abar_prev
         # 1. x0_hat from eps (Ho et al. eq. 4 / eq. 15 solved for x0).
         x0, _ = self._x0_and_eps(x_t, eps, abar_t)
@@ -174,14 +181,16 @@ class DDPMSampler(_RespacedSampler):
         x_t: Tensor,
         noise: Tensor | None,
         grad: Tensor | None = None,
+        prev_t: int | None = None,
     ) -> dict[str, Tensor | float]:
         """One reverse step from training timestep t to the next one of the chain.
 
         eps, x_t, noise, grad: (B, ...); noise may be None on the last step; grad is the scaled
-        classifier gradient at (x_t, t) (guided-diffusion `condition_mean`). Returns prev_sample,
+        classifier gradient at (x_t, t) (guided-diffusion `condition_mean`); prev_t: the next timestep of the
+        chain when the caller knows it (see `prev_timestep`). Returns prev_sample,
         pred_x0 and the (guided) mean, all (B, ...), and the variance (float).
         """
-        out = self.mean_variance(schedule, eps, t, x_t)
+        out = self.mean_variance(schedule, eps, t, x_t, prev_t)
         if grad is not None:
             out["mean"] = condition_mean(out["mean"], out["variance"], grad)
         out["prev_sample"] = _add_noise(out["mean"], out["variance"], noise)
@@ -206,8 +215,8 @@ class DDIMSampler(_RespacedSampler):
         if self.eta < 0:
             raise ValueError(f"DDIM eta must be >= 0, got {self.eta}")
 
-    def needs_noise(self, schedule: NoiseSchedule, t: int) -> bool:
-        return self.eta > 0 and self.prev_timestep(schedule, t) >= 0
+    def needs_noise(self, schedule: NoiseSchedule, t: int, prev_t: int | None = None) -> bool:
+        return self.eta > 0 and self.prev_timestep(schedule, t, prev_t) >= 0
 
     def step(
         self,
@@ -217,15 +226,17 @@ class DDIMSampler(_RespacedSampler):
         x_t: Tensor,
         noise: Tensor | None,
         grad: Tensor | None = None,
+        prev_t: int | None = None,
     ) -> dict[str, Tensor | float]:
         """One DDIM step from training timestep t to the next one of the chain.
 
         eps, x_t, noise, grad: (B, ...); noise is needed only when eta > 0; grad is the scaled classifier
-        gradient at (x_t, t). Returns prev_sample, pred_x0 and the deterministic part `mean`, all (B, ...),
+        gradient at (x_t, t); prev_t: the next timestep of the chain when the caller knows it. Returns
+        prev_sample, pred_x0 and the deterministic part `mean`, all (B, ...),
         and the variance sigma_t^2 (float).
         """
         abar_t = _abar(schedule, t)
-        abar_prev = _abar(schedule, self.prev_timestep(schedule, t))
+        abar_prev = _abar(schedule, self.prev_timestep(schedule, t, prev_t))
         if grad is not None:
             t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
             eps = condition_score(schedule, eps, x_t, t_batch, grad)

@@ -95,12 +95,16 @@ def sample(
     device = torch.device(device if device is not None else "cpu")
     draw = _noise_source(tuple(shape), seeds, device, dtype)
     x = draw()
-    for t in tqdm(sampler.timesteps(schedule).tolist(), desc="sampling", disable=not progress):
+    # The chain once per call, each step handed its successor (-1 after the last): the samplers would
+    # otherwise rebuild it (make_timesteps) and search it on every step.
+    chain = sampler.timesteps(schedule).tolist()
+    successors = [*chain[1:], -1]
+    for t, prev_t in tqdm(list(zip(chain, successors)), desc="sampling", disable=not progress):
         t_batch = torch.full((shape[0],), t, dtype=torch.long, device=device)
         eps = convert_prediction(
             schedule, denoiser(x, t_batch), x, t_batch, from_type=prediction_type, to_type="eps"
         )
         grad = None if cond_fn is None else cond_fn(x, t_batch)
-        noise = draw() if sampler.needs_noise(schedule, t) else None
-        x = sampler.step(schedule, eps, t, x, noise, grad=grad)["prev_sample"]
+        noise = draw() if sampler.needs_noise(schedule, t, prev_t) else None
+        x = sampler.step(schedule, eps, t, x, noise, grad=grad, prev_t=prev_t)["prev_sample"]
     return x

@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from lightning_modules.artifacts import load_diffusion
-from lightning_modules.diffusion_module import guided_denoiser
+from lightning_modules.codec import LatentCodec
+from lightning_modules.diffusion import DDIMSampler
+from lightning_modules.generation import GuidanceSetting, generate
 from tests.conftest import run_cli, tiny_overrides
 
 RUN = Path("default") / "fashion_mnist"
@@ -39,11 +42,15 @@ def load(path: Path) -> dict:
 
 def check_bundle_samples(ckpt_path: Path, condition) -> None:
     bundle = load_diffusion(ckpt_path)
-    denoiser = guided_denoiser(bundle.unet, bundle.conditioner, condition, scale=3.0)
     x = torch.randn(len(condition), *bundle.latent_shape)
-    out = denoiser(x, torch.full((len(condition),), 500))
+    with torch.no_grad():
+        out = bundle.unet(x, torch.full((len(condition),), 500), *bundle.conditioner(condition))
     assert out.shape == x.shape and torch.isfinite(out).all()
-    assert bundle.autoencoder.decode(x / bundle.scale_factor).shape[-2:] == (32, 32)
+    codec = LatentCodec.of(bundle)
+    images = generate(bundle.unet, codec, bundle.conditioner, GuidanceSetting("cfg", cfg_scale=3.0),
+                      DDIMSampler(num_steps=2), bundle.schedule, bundle.prediction_type, condition,
+                      list(range(len(condition))), latent_shape=bundle.latent_shape)  # fmt: skip
+    assert images.dtype == np.uint8 and images.shape[:3] == (len(condition), 32, 32)
 
 
 @pytest.mark.parametrize("conditioner", ["class", "text"])

@@ -20,15 +20,13 @@ from lightning_modules.artifacts import StageMismatchError, state_fingerprint
 from lightning_modules.classifier_module import (
     BucketedAccuracy,
     ClassifierModule,
-    bucket_centres,
     bucket_log_dict,
     check_labels,
     diffuse,
     linear_anneal,
     plot_accuracy_vs_t,
-    timestep_bucket,
 )
-from lightning_modules.diffusion import NoiseSchedule
+from lightning_modules.diffusion import NoiseSchedule, bucket_centres, timestep_buckets
 from lightning_modules.nets.classifier import NoisyLatentClassifier
 from tests.tiny_checkpoints import TINY_SCHEDULE, write_autoencoder, write_diffusion
 
@@ -110,13 +108,13 @@ def test_training_step_uses_uniform_t(upstream, monkeypatch):
 def test_latents_from_images_or_cached_moments(upstream):
     module = make_module(upstream, sample_posterior=False)
     batch = image_batch(4)
-    posterior = module._frozen["autoencoder"].encode(batch["image"])
-    expected = posterior.mean * module.scale_factor
+    posterior = module.codec.autoencoder.encode(batch["image"])
+    expected = posterior.mean * module.codec.scale_factor
     torch.testing.assert_close(module.encode(batch), expected)
     moments = torch.cat([posterior.mean, posterior.logvar], dim=1)
     torch.testing.assert_close(module.encode({"moments": moments, "label": batch["label"]}), expected)
     sampled = make_module(upstream).encode(batch, torch.Generator().manual_seed(0))
-    std = (0.5 * posterior.logvar).exp() * module.scale_factor
+    std = (0.5 * posterior.logvar).exp() * module.codec.scale_factor
     assert not torch.allclose(sampled, expected) and ((sampled - expected) / std).abs().max() < 6
 
 
@@ -124,14 +122,25 @@ def test_latents_from_images_or_cached_moments(upstream):
 
 
 def test_timestep_buckets_and_centres():
+    """The one bucketing of both stages (lightning_modules.diffusion.buckets): the classifier's plot
+    x-axis is the diffusion stage's validation timesteps."""
     t = torch.arange(15)
     # bucket i = floor(10 t / 15): [0, 1.5), [1.5, 3), [3, 4.5), ...
-    buckets = timestep_bucket(t, 15, 10)
+    buckets = timestep_buckets(t, 15, 10)
     assert buckets.tolist() == [0, 0, 1, 2, 2, 3, 4, 4, 5, 6, 6, 7, 8, 8, 9]
-    assert bucket_centres(15, 10) == [0.5, 2.0, 3.5, 5.0, 6.5, 8.0, 9.5, 11.0, 12.5, 14.0]
-    assert bucket_centres(15, 10) == [t[buckets == i].double().mean().item() for i in range(10)]
-    assert bucket_centres(1000, 10)[0] == 49.5 and bucket_centres(1000, 10)[-1] == 949.5
-    assert timestep_bucket(torch.tensor([0, 99, 100, 999]), 1000, 10).tolist() == [0, 0, 1, 9]
+    # the bucket means are 0.5, 2, 3.5, 5, ...: the centres are those rounded up, timesteps of the bucket
+    assert bucket_centres(15, 10) == [1, 2, 4, 5, 7, 8, 10, 11, 13, 14]
+    assert bucket_centres(1000, 10)[0] == 50 and bucket_centres(1000, 10)[-1] == 950
+    assert timestep_buckets(torch.tensor([0, 99, 100, 999]), 1000, 10).tolist() == [0, 0, 1, 9]
+    for T, K in [(15, 10), (7, 5), (5, 4), (1000, 7), (1000, 1000), (999, 10), (10, 1)]:
+        t = torch.arange(T)
+        buckets, centres = timestep_buckets(t, T, K), bucket_centres(T, K)
+        assert all(isinstance(c, int) for c in centres)
+        assert buckets[centres].tolist() == list(range(K)), (T, K)  # each centre lies in its own bucket
+        means = [t[buckets == k].double().mean().item() for k in range(K)]
+        assert all(0 <= c - m <= 0.5 for c, m in zip(centres, means)), (T, K)
+    with pytest.raises(ValueError, match="num_buckets"):
+        bucket_centres(10, 11)
 
 
 def test_bucketed_accuracy_on_hand_computed_inputs():
@@ -235,6 +244,10 @@ def test_class_count_and_latent_shape_conflicts_are_refused(upstream, tmp_path):
         make_module(upstream, net=functools.partial(NET, in_channels=3))
     with pytest.raises(StageMismatchError, match=r"latent_size=16 \(config\) vs 8"):
         make_module(upstream, net=functools.partial(NET, latent_size=16))
+    three_channels = write_diffusion(tmp_path / "diff3.ckpt", upstream["autoencoder"], upstream["fingerprint"],
+                                     latent_shape=[3, 8, 8])  # fmt: skip
+    with pytest.raises(StageMismatchError, match="diff3.ckpt: latents have 3 channels, its autoencoder 4"):
+        make_module(upstream, diffusion=three_channels)
 
 
 def test_schedule_and_latent_shape_come_from_the_diffusion_checkpoint(upstream, tmp_path):
@@ -253,8 +266,8 @@ def test_schedule_and_latent_shape_come_from_the_diffusion_checkpoint(upstream, 
 def test_autoencoder_is_not_part_of_the_module_state(upstream):
     module = make_module(upstream)
     keys = list(module.state_dict())
-    assert keys and not [k for k in keys if "autoencoder" in k or k.startswith("_frozen")]
-    assert all(p.requires_grad is False for p in module._frozen["autoencoder"].parameters())
+    assert keys and not [k for k in keys if "autoencoder" in k or k.startswith(("codec", "encoder.", "decoder."))]
+    assert all(p.requires_grad is False for p in module.codec.autoencoder.parameters())
     assert not [p for p in module.parameters() if p.requires_grad and p not in set(module.net.parameters())]
 
 

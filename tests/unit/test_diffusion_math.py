@@ -20,6 +20,7 @@ from lightning_modules.diffusion import (
     convert_prediction,
     extract,
     make_betas,
+    make_generators,
     make_timesteps,
     min_snr_weight,
     q_posterior_mean_variance,
@@ -401,6 +402,31 @@ def test_sampling_loop_matches_diffusers_loop(kind: str) -> None:
     expected = _diffusers_loop(ref, shape, seed=42, num_steps=10, **kwargs)
     got = sample(_toy_eps, shape, schedule, sampler, seeds=[42], dtype=torch.float64)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [DDIMSampler(num_steps=7, eta=0.5, spacing="trailing"), DDPMSampler(num_steps=7, spacing="linspace")],
+    ids=["ddim", "ddpm"],
+)
+def test_sample_computes_the_timestep_chain_once(sampler, monkeypatch) -> None:
+    """One `make_timesteps` per `sample()` call, not one per step, and bit for bit the loop in which each
+    step looks its successor up on the chain itself (steps called without prev_t)."""
+    from lightning_modules.diffusion import samplers
+
+    schedule, seeds = NoiseSchedule("scaled_linear", T), [3, 4]
+    generators = make_generators(seeds)
+    by_lookup = seeded_noise(seeds, SHAPE[1:], generators)
+    for t in sampler.timesteps(schedule).tolist():
+        eps = _toy_eps(by_lookup, torch.full((SHAPE[0],), t))
+        noise = seeded_noise(seeds, SHAPE[1:], generators) if sampler.needs_noise(schedule, t) else None
+        by_lookup = sampler.step(schedule, eps, t, by_lookup, noise)["prev_sample"]
+    calls = []
+    real = samplers.make_timesteps
+    monkeypatch.setattr(samplers, "make_timesteps", lambda *args: calls.append(args) or real(*args))
+    got = sample(_toy_eps, SHAPE, schedule, sampler, seeds=seeds)
+    assert calls == [(T, 7, sampler.spacing)]
+    assert torch.equal(got, by_lookup)
 
 
 def test_ddim_eta0_is_deterministic_and_draws_no_step_noise() -> None:

@@ -13,13 +13,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_modules.artifacts import load_diffusion
-from lightning_modules.diffusion import DDIMSampler, NoiseSchedule
+from lightning_modules.diffusion import DDIMSampler, NoiseSchedule, bucket_centres, timestep_buckets
 from lightning_modules.diffusion_module import (
     DiffusionModule,
-    bucket_centres,
     diffusion_loss,
     grid_conditions,
-    timestep_buckets,
 )
 from lightning_modules.nets.autoencoder import AutoencoderKL
 from lightning_modules.nets.conditioners import ClassConditioner
@@ -267,10 +265,11 @@ def test_frozen_text_encoder_stays_out_of_checkpoints(ae_ckpt, tmp_path):
 def test_autoencoder_is_not_part_of_the_state(ae_ckpt):
     module = make_module(ae_ckpt)
     assert not any("autoencoder" in k or k.startswith(("encoder.", "decoder.")) for k in module.state_dict())
-    assert all(not p.requires_grad for p in module.frozen_autoencoder().parameters())
+    assert all(not p.requires_grad for p in module.codec.autoencoder.parameters())
+    assert not {id(p) for p in module.codec.autoencoder.parameters()} & {id(p) for p in module.parameters()}
     images = torch.rand(2, 1, 32, 32) * 2 - 1
     z = module.encode_latents({"image": images}, sample_posterior=False)
-    expected = module.frozen_autoencoder().encode(images).mode() * 0.7
+    expected = module.codec.autoencoder.encode(images).mode() * 0.7
     torch.testing.assert_close(z, expected)
 
 

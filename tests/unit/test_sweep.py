@@ -14,22 +14,22 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from core.dist import dist_env
-from eval import sweep
-from eval.sweep import (
-    GuidanceSetting,
-    SampleGenerator,
-    SweepJob,
+from eval.generator import SampleGenerator
+from eval.job import SweepJob
+from eval.samples import load_samples
+from eval.scoring import real_image_batches
+from eval.settings import (
     batch_ranges,
     class_balanced_labels,
-    collect_rows,
     expand_settings,
-    load_samples,
-    real_image_batches,
     sample_seeds,
     select_setting,
 )
+from eval.sweep_report import collect_rows
+from lightning_modules import generation
 from lightning_modules.artifacts import StageMismatchError, load_diffusion
 from lightning_modules.diffusion import DDIMSampler, DDPMSampler, sample
+from lightning_modules.generation import GuidanceSetting
 from tests import tiny_checkpoints as tiny
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -350,7 +350,7 @@ def no_sampling(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("sampling started before the bad input was reported")
 
-    monkeypatch.setattr(sweep, "sample", refuse)
+    monkeypatch.setattr(generation, "sample", refuse)
 
 
 def _bad_inputs(run_dir: Path) -> dict[str, tuple[list[str], type, str]]:

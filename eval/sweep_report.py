@@ -1,0 +1,91 @@
+"""The report side of a sweep: the finished settings' metrics.json collected into rows, a terminal table,
+and results.csv/json, plots and report.md."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from core.io import read_json
+from eval.report import best_row, describe_machine, plot_sweep, write_report, write_results
+from lightning_modules.generation import GUIDANCE_KINDS
+
+# Identity columns of a metrics.json: kept there (resume, report filtering), left out of the tables.
+HASH_KEYS = ("config_hash", "samples_hash", "sweep_hash")
+
+__all__ = ["HASH_KEYS", "TABLE_COLUMNS", "collect_rows", "format_table", "write_sweep_report"]
+
+
+def _sort_key(row: Mapping[str, Any]) -> tuple:
+    kind = (
+        GUIDANCE_KINDS.index(row["guidance"])
+        if row.get("guidance") in GUIDANCE_KINDS
+        else len(GUIDANCE_KINDS)
+    )
+    return (kind, row.get("cls_scale") or 0.0, row.get("cfg_scale") or 0.0, str(row.get("setting")))
+
+
+def collect_rows(out_dir: str | os.PathLike, sweep_hash: str | None = None) -> list[dict[str, Any]]:
+    """metrics.json of every setting directory under `out_dir`, sorted by kind and scales; with
+    `sweep_hash`, only settings made with the same models, sampler, sample count and scorer."""
+    rows = []
+    for path in sorted(Path(out_dir).glob("*/metrics.json")):
+        metrics = read_json(path)
+        if metrics is not None and (sweep_hash is None or metrics.get("sweep_hash") == sweep_hash):
+            rows.append(metrics)
+    return sorted(rows, key=_sort_key)
+
+
+def _axes(rows: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
+    """(x key, group key) of the plots: CFG scale (grouped by s_cls when several), or s_cls alone."""
+    kinds = {row.get("guidance") for row in rows}
+    if kinds == {"classifier"}:
+        return "cls_scale", None
+    cls_values = {row.get("cls_scale") for row in rows if row.get("guidance") != "classifier"}
+    return "cfg_scale", ("cls_scale" if len(cls_values) > 1 else None)
+
+
+TABLE_COLUMNS = ("setting", "cfg_scale", "cls_scale", "fid", "is_mean", "precision", "recall", "kid_mean",
+                 "class_accuracy")  # fmt: skip
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A fixed-width text table of the main columns, for the terminal."""
+    columns = [c for c in TABLE_COLUMNS if any(row.get(c) is not None for row in rows)]
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "" if value is None else str(value)
+
+    cells = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def write_sweep_report(
+    out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], title: str, meta: Mapping[str, Any]
+) -> dict[str, Any]:
+    """results.csv/json, plots/*.png and report.md (plots and each setting's grid embedded) in `out_dir`.
+
+    Returns {"results_csv", "results_json", "plots": {name: path}, "grids": {setting: path}, "report",
+    "x_key"}. Hash columns are kept out of the tables (they stay in each metrics.json).
+    """
+    out_dir = Path(out_dir)
+    table = [{k: v for k, v in row.items() if k not in HASH_KEYS} for row in rows]
+    csv_path, json_path = write_results(table, out_dir)
+    x_key, group_key = _axes(table)
+    plots = plot_sweep(table, x_key, out_dir / "plots", group_key=group_key) if table else {}
+    grids = {
+        row["setting"]: out_dir / row["grid"] for row in table if (out_dir / str(row.get("grid"))).is_file()
+    }
+    best = best_row(table, "fid")
+    meta = {**meta, "best setting (FID)": best["setting"] if best else None, "machine": describe_machine()}
+    report = write_report(table, plots, grids, out_dir / "report.md", title=title, meta=meta)
+    return {"results_csv": csv_path, "results_json": json_path, "plots": plots, "grids": grids,
+            "report": report, "x_key": x_key}  # fmt: skip
+
