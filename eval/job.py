@@ -20,7 +20,6 @@ Scale conventions: see `lightning_modules.generation` and docs/ARCHITECTURE.md.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from core.io import atomic_write_text, config_hash, json_safe, read_json
+from core.io import atomic_write_json, config_hash, read_json
 from eval.samples import class_grid, load_samples, merge_parts, npz_hash, part_path, save_npz
 from eval.settings import batch_ranges, class_balanced_labels, sample_seeds
 from lightning_modules.generation import GuidanceSetting
@@ -160,8 +159,6 @@ class SweepJob:
             "grid": str(Path(setting.name) / "grid.png"), "config_hash": self.metrics_hash(setting),
             "samples_hash": samples_hash, "sweep_hash": self.sweep_hash(),
         }  # fmt: skip
-        # In row order, not key-sorted (atomic_write_json sorts): the rows' key order is the column order of
-        # results.csv and the report tables, setting and guidance first.
-        atomic_write_text(setting_dir / "metrics.json", json.dumps(json_safe(metrics), indent=2, default=str) + "\n")
+        atomic_write_json(setting_dir / "metrics.json", metrics, sort_keys=False)  # row order = column order
         return metrics
 
