@@ -335,3 +335,24 @@ def test_reconstruction_fid_refuses_the_eval_net_and_other_channels(tmp_path):
     module.autoencoder.forward = lambda *a, **k: pytest.fail("computed before the check")  # type: ignore[method-assign]
     with pytest.raises(ValueError, match=r"data.channels=3 but .*callbacks.reconstruction_fid.checkpoint.* takes 1"):
         make_trainer(tmp_path, max_steps=1, callbacks=[rfid]).test(module, datamodule=TinyImages(channels=3))
+
+
+def test_reconstruction_grid_goes_to_wandb_under_its_key(tmp_path, monkeypatch):
+    import types
+
+    import eval.callbacks.media as media
+
+    class FakeWandb:
+        def __init__(self) -> None:
+            self.calls: list[dict] = []
+
+        def log_image(self, **kw) -> None:
+            self.calls.append(kw)
+
+    monkeypatch.setattr(media, "WandbLogger", FakeWandb)
+    wandb, csv = FakeWandb(), object()
+    trainer = types.SimpleNamespace(loggers=[csv, wandb], global_step=5, default_root_dir=str(tmp_path))
+    path = ReconstructionGrid(num_images=2).save(trainer, torch.zeros(4, 1, 8, 8), torch.ones(4, 1, 8, 8))
+    assert path == tmp_path / "samples" / "recon_step5.png"
+    assert wandb.calls == [{"key": "val/reconstructions", "images": [str(path)], "step": 5,
+                            "caption": ["top: inputs, bottom: reconstructions"]}]  # fmt: skip
