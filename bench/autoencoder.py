@@ -122,7 +122,6 @@ def build_module(cfg, fn_cfg, gan: bool) -> AutoencoderModule:
         disc_optimizer=instantiate(m.disc_optimizer),
         perceptual=lambda: perceptual,
         perceptual_weight=m.perceptual_weight,
-        rfid_checkpoint=None,
         latent_stats_samples=1,
     )
 

@@ -12,8 +12,10 @@ Decisions worth knowing:
 - DDP runs with `find_unused_parameters=False` (the trainer configs' default): every backward gives every
   parameter DDP reduces a gradient, zero where the toggled-off optimiser's parameters are concerned
   (`_ddp_touch`). Without that, the reducer would never launch its buckets and the next step would fail.
-- The frozen networks (perceptual net, rFID feature net) are re-loaded from their own files: they are
-  stripped from every checkpoint and put back from the live module on load.
+- The frozen perceptual net is re-loaded from its own file: it is stripped from every checkpoint and put
+  back from the live module on load.
+- Rendering (reconstruction grids) and the rFID are callbacks (`eval.callbacks`, `conf/callbacks/`): they
+  read the reconstructions `validation_step` / `test_step` return.
 """
 
 from __future__ import annotations
@@ -25,15 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import torchmetrics
-from pytorch_lightning.loggers import WandbLogger
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from core.images import make_grid_png, to_uint8_nhwc
 from core.io import atomic_write_text
-from eval.metrics import fid_from_features
 from lightning_modules.artifacts import StageMismatchError, load_feature_net, load_stage_checkpoint
 from lightning_modules.base import StageModule, build_optimizer, warmup_cosine
 from lightning_modules.ema import EMA
@@ -45,7 +43,7 @@ from lightning_modules.nets.vae_loss import AutoencoderLoss
 
 SUPPORTED_PRECISIONS = ("32-true", "32", "bf16-mixed")
 # Submodules re-loaded from their own files: never written into this stage's checkpoints.
-FROZEN_PREFIXES = ("loss.perceptual.", "rfid_net.")
+FROZEN_PREFIXES = ("loss.perceptual.",)
 PERCEPTUAL_ROLE = "perceptual"
 
 
@@ -185,8 +183,6 @@ class AutoencoderModule(StageModule):
         perceptual: `_partial_` factory of the frozen perceptual net (or of None); only called when
             `perceptual_weight > 0`, so a missing weights file only matters when it would be used.
         perceptual_weight: w_p of the loss.
-        rfid_checkpoint: feature_net checkpoint (role perceptual) whose pooled features give the
-            reconstruction FID; None: no rFID.
         ema_decay: EMA of the autoencoder's weights (warm-up schedule of `ema.EMA`); None: no EMA. With EMA, the
             exported weights, validation, test and latent statistics all use the average.
         grad_clip_norm: clip each optimiser's gradient norm to this; None: no clipping.
@@ -195,7 +191,6 @@ class AutoencoderModule(StageModule):
             to min_lr_ratio x lr at total_steps (short runs end far sharper: +2.6 dB PSNR measured at 1,400
             steps); None: constant. The discriminator's LR stays constant after its warm-up.
         latent_stats_samples: training images whose posterior samples give the latent scale factor.
-        num_recon_images: images in each reconstruction grid.
         stats_seed: seed of the posterior noise in the latent statistics (offset by the rank).
     """
 
@@ -210,14 +205,12 @@ class AutoencoderModule(StageModule):
         disc_optimizer: Callable[..., torch.optim.Optimizer],
         perceptual: Callable[[], nn.Module | None] | None = None,
         perceptual_weight: float = 1.0,
-        rfid_checkpoint: str | None = None,
         ema_decay: float | None = None,
         grad_clip_norm: float | None = None,
         warmup_steps: int = 0,
         total_steps: int | None = None,
         min_lr_ratio: float = 0.0,
         latent_stats_samples: int = 10_000,
-        num_recon_images: int = 8,
         stats_seed: int = 0,
     ) -> None:
         super().__init__()
@@ -228,11 +221,9 @@ class AutoencoderModule(StageModule):
         self.discriminator = discriminator
         perceptual_net = perceptual() if perceptual is not None and perceptual_weight > 0 else None
         self.loss = loss(perceptual=perceptual_net, perceptual_weight=perceptual_weight)
-        self.rfid_net = load_role_feature_net(rfid_checkpoint) if rfid_checkpoint else None
         self.ema = EMA(autoencoder, decay=ema_decay) if ema_decay else None
         self.optimizer_factory, self.disc_optimizer_factory = optimizer, disc_optimizer
         self.metrics = nn.ModuleDict({split: self._eval_metrics() for split in ("val", "test")})
-        self._features: dict[str, list[tuple[Tensor, Tensor]]] = {"val": [], "test": []}
         self.image_shape: list[int] | None = None
         self.latent_shape: list[int] | None = None
         self.latent_stats: dict[str, Any] | None = None
@@ -287,10 +278,9 @@ class AutoencoderModule(StageModule):
         channels, size = getattr(dm, "channels", None), getattr(dm, "image_size", None)
         if channels is None or size is None:
             return
-        frozen = {"model.perceptual": getattr(self.loss.perceptual, "net", None), "stage.module.rfid_checkpoint":
-                  self.rfid_net}  # fmt: skip
+        perceptual = getattr(self.loss.perceptual, "net", None)
         check_data_fits(self.autoencoder, self.discriminator, int(channels), int(size),
-                        {k: v for k, v in frozen.items() if isinstance(v, FeatureNet)})  # fmt: skip
+                        {"model.perceptual": perceptual} if isinstance(perceptual, FeatureNet) else None)  # fmt: skip
         f = self.autoencoder.downsample_factor
         self.image_shape = [int(channels), int(size), int(size)]
         self.latent_shape = [self.autoencoder.z_channels, int(size) // f, int(size) // f]
@@ -438,14 +428,13 @@ class AutoencoderModule(StageModule):
                 return
             yield batch["image"].to(self.device)
 
-    # --- validation / test ------------------------------------------------------------------------------
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        recons = self._eval_step(batch, "val")
-        if batch_idx == 0 and self.trainer.is_global_zero:
-            self._save_recon_grid(batch["image"], recons)
+    # --- validation / test ---------------------------------------------------------------------------
+    # Both return the float32 reconstructions: the grid and rFID callbacks read them as `outputs`.
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
@@ -464,42 +453,9 @@ class AutoencoderModule(StageModule):
             metrics["psnr"].update(recons, x)
             metrics["ssim"].update(recons, x)
             metrics["l1"].update((recons - x).abs().mean(dim=(1, 2, 3)))
-            if self.rfid_net is not None:
-                feats = self.rfid_net(torch.cat([x, recons]))["pooled"].float()
-                self._features[split].append(tuple(feats.chunk(2)))
         return recons
 
     def _eval_epoch_end(self, split: str) -> None:
         for name, value in self.metrics[split].compute().items():
             self.log(f"{split}/{name}", value, prog_bar=name == "psnr")
         self.metrics[split].reset()
-        if self.rfid_net is None:
-            return
-        dim = self.rfid_net.feature_dim
-        parts = self._features[split]
-        real = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, dim, device=self.device)
-        fake = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dim, device=self.device)
-        self._features[split] = []
-        real, fake = self._gather_rows(real), self._gather_rows(fake)
-        if len(real) >= 2:
-            self.log(f"{split}/rfid", fid_from_features(real.cpu(), fake.cpu()))
-
-    def _gather_rows(self, x: Tensor) -> Tensor:
-        """Concatenate (N_r, D) tensors of every rank, N_r possibly different (uneven eval shards)."""
-        if self.trainer.world_size == 1:
-            return x
-        counts = self.all_gather(torch.tensor([len(x)], device=self.device)).reshape(-1).tolist()
-        padded = F.pad(x, (0, 0, 0, max(counts) - len(x)))
-        gathered = self.all_gather(padded)  # (world, max N, D)
-        return torch.cat([gathered[r, :n] for r, n in enumerate(counts)])
-
-    def _save_recon_grid(self, inputs: Tensor, recons: Tensor) -> None:
-        """Top row inputs, bottom row reconstructions: `<stage dir>/samples/recon_step{N}.png` (+ W&B)."""
-        n = min(self.hparams.num_recon_images, len(inputs))
-        images = to_uint8_nhwc(torch.cat([inputs[:n], recons[:n]]))
-        path = Path(self.trainer.default_root_dir) / "samples" / f"recon_step{self.global_step}.png"
-        make_grid_png(images, nrow=n, path=path)
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="val/reconstructions", images=[str(path)], step=self.global_step,
-                                 caption=["top: inputs, bottom: reconstructions"])  # fmt: skip

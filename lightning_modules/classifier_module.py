@@ -4,26 +4,20 @@ Training follows guided-diffusion's `scripts/classifier_train.py` (Dhariwal & Ni
 latents z_0 = E(x) * scale from the frozen autoencoder are noised with q(z_t | z_0) of the diffusion
 stage's own schedule at t ~ U{0, ..., T-1}, the loss is cross-entropy, the optimiser AdamW with the
 learning rate annealed linearly to 0 over training. Validation and test report accuracy per timestep
-bucket: it is high at small t and falls towards chance (1/K) as z_t approaches pure noise.
+bucket: it is high at small t and falls towards chance (1/K) as z_t approaches pure noise (plotted by the
+callback `eval.callbacks.AccuracyVsTimestepPlot` from `bucket_accuracy`).
 """
 
 from __future__ import annotations
 
-import io
-import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from pytorch_lightning.loggers import WandbLogger
 from torch import Tensor
 
-from core.io import atomic_write_bytes
 from lightning_modules.artifacts import StageMismatchError, load_stage_checkpoint
 from lightning_modules.base import StageModule, build_optimizer
 from lightning_modules.codec import LatentCodec
@@ -118,26 +112,6 @@ def bucket_log_dict(values: dict[str, Tensor], prefix: str) -> dict[str, float]:
     return out
 
 
-def plot_accuracy_vs_t(
-    centres: list[float], accuracy: list[float], chance: float, path: str | Path, title: str
-) -> Path:
-    """PNG of accuracy against the bucket centre timestep, with the chance level; written atomically.
-    Buckets with NaN accuracy (no samples) are not drawn."""
-    points = [(c, a) for c, a in zip(centres, accuracy, strict=True) if math.isfinite(a)]
-    fig = Figure(figsize=(5, 3.6))
-    FigureCanvasAgg(fig)  # a bare Agg canvas: no pyplot global state, safe in any process
-    ax = fig.subplots()
-    if points:
-        ax.plot(*zip(*points, strict=True), marker="o", label="accuracy")
-    ax.axhline(chance, color="grey", linestyle="--", label=f"chance (1/{round(1 / chance)})")
-    ax.set(title=title, xlabel="timestep t (bucket centre)", ylabel="accuracy", ylim=(0.0, 1.02))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    return atomic_write_bytes(path, buf.getvalue())
-
-
 class ClassifierModule(StageModule):
     """Trains a `NoisyLatentClassifier` on latents of the frozen autoencoder under the diffusion stage's
     noise schedule; its checkpoint carries the (EMA) classifier for classifier guidance.
@@ -159,7 +133,6 @@ class ClassifierModule(StageModule):
         sample_posterior: encode with a posterior sample (True, as LDM) or its mode.
         num_buckets: timestep buckets of the per-t metrics.
         eval_seed: seeds validation/test t and noise per batch, so epochs are comparable.
-        plot_dir: where accuracy_vs_t.png goes (default: <trainer.default_root_dir>/plots).
     """
 
     stage_name = "classifier"
@@ -178,7 +151,6 @@ class ClassifierModule(StageModule):
         sample_posterior: bool = True,
         num_buckets: int = 10,
         eval_seed: int = 0,
-        plot_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer"])
@@ -196,6 +168,8 @@ class ClassifierModule(StageModule):
         self.train_metrics = BucketedAccuracy(T, num_buckets)
         self.val_metrics = BucketedAccuracy(T, num_buckets)
         self.test_metrics = BucketedAccuracy(T, num_buckets)
+        # Accuracy per timestep bucket of the latest validation / test (NaN: no samples), for the plots.
+        self.bucket_accuracy: dict[str, list[float]] = {}
 
     def _read_diffusion(self, path: str, num_classes: int) -> dict[str, Any]:
         ckpt = load_stage_checkpoint(
@@ -291,12 +265,12 @@ class ClassifierModule(StageModule):
         self._eval_step(batch, batch_idx, self.test_metrics)
 
     def on_validation_epoch_end(self) -> None:
-        self._finish_eval(self.val_metrics, "val", "accuracy_vs_t.png")
+        self._finish_eval(self.val_metrics, "val")
 
     def on_test_epoch_end(self) -> None:
-        self._finish_eval(self.test_metrics, "test", "test_accuracy_vs_t.png")
+        self._finish_eval(self.test_metrics, "test")
 
-    def _finish_eval(self, metrics: BucketedAccuracy, prefix: str, plot_name: str) -> None:
+    def _finish_eval(self, metrics: BucketedAccuracy, prefix: str) -> None:
         # compute() sums the states over ranks once per rank: uneven (or empty) shards cannot hang DDP.
         values = metrics.compute()
         metrics.reset()
@@ -305,17 +279,11 @@ class ClassifierModule(StageModule):
             if key in logged:
                 self.log(key, logged.pop(key), prog_bar=prefix == "val")
         self.log_dict(logged)
-        if self.trainer.is_global_zero:
-            self._plot(values["acc_bucket"].tolist(), prefix, plot_name)
+        self.bucket_accuracy[prefix] = values["acc_bucket"].tolist()
 
-    def _plot(self, accuracy: list[float], prefix: str, plot_name: str) -> None:
-        plot_dir = Path(self.hparams.plot_dir or Path(self.trainer.default_root_dir) / "plots")
-        centres = bucket_centres(self.schedule.num_timesteps, self.hparams.num_buckets)
-        path = plot_accuracy_vs_t(centres, accuracy, 1.0 / self.hparams.num_classes, plot_dir / plot_name,
-                                  f"{prefix} accuracy of p(y | z_t, t), step {self.global_step}")  # fmt: skip
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key=f"{prefix}/accuracy_vs_t", images=[str(path)], step=self.global_step)
+    def bucket_centres(self) -> list[float]:
+        """Mean timestep of each metrics bucket, the x axis of `bucket_accuracy`."""
+        return bucket_centres(self.schedule.num_timesteps, self.hparams.num_buckets)
 
     def configure_optimizers(self):
         opt = build_optimizer(self.optimizer_factory, self.net.parameters())

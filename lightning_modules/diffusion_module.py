@@ -4,7 +4,8 @@ Latents come from the frozen autoencoder of stage `autoencoder` (re-loaded from 
 `LatentCodec`, never part of this module's state), either encoded on the fly or read as cached posterior
 moments. Conditions are dropped to the conditioner's null condition with probability `p_uncond`, so one
 network learns p(z | y) and p(z). An EMA of the U-Net (and of a trainable conditioner) is what validation,
-sample grids (`lightning_modules.generation.generate`) and `artifacts()` use.
+`sample_images` (`lightning_modules.generation.generate`) and `artifacts()` use; the training-time sample
+grids are a callback (`eval.callbacks.SampleGrids`, `conf/callbacks/diffusion.yaml`) around it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,6 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
-from core.images import make_grid_png
 from lightning_modules.artifacts import conditioner_spec
 from lightning_modules.base import StageModule, build_optimizer, warmup_cosine
 from lightning_modules.codec import LatentCodec
@@ -75,34 +74,21 @@ def key_seeds(keys: Sequence[str]) -> list[int]:
     return [zlib.crc32(str(k).encode()) for k in keys]
 
 
-def grid_conditions(
-    num_classes: int, max_rows: int, per_row: int, class_names: Sequence[str] | None, template: str | None
-) -> tuple[dict[str, Any], list[str]]:
-    """A batch-like dict (`label` (R * per_row,), `caption`) for a sample grid of R = min(K, max_rows)
-    evenly spaced classes, one class per row (captions from `template`), and the R class names."""
-    rows = torch.linspace(0, num_classes - 1, min(num_classes, max_rows)).round().long().unique()
-    names = [class_names[k] if class_names else f"class {k}" for k in rows.tolist()]
-    captions = [template.format(n) if template else n for n in names]
-    batch = {
-        "label": rows.repeat_interleave(per_row),
-        "caption": [c for c in captions for _ in range(per_row)],
-    }
-    return batch, names
 
 
 class DiffusionModule(StageModule):
-    """Latent diffusion with label dropout, EMA, per-timestep-bucket losses and guided sample grids.
+    """Latent diffusion with label dropout, EMA, per-timestep-bucket losses and guided sampling.
 
     Args:
         unet: U-Net constructor (a Hydra `_partial_`); called with in/out_channels = the autoencoder's latent
             channels and context_dim = the conditioner's.
         conditioner: class or text conditioner (knows its null condition).
         schedule: noise schedule (T = schedule.num_timesteps).
-        sampler: DDIM/DDPM sampler for the sample grids.
+        sampler: DDIM/DDPM sampler of `sample_images` (the training-time sample grids).
         optimizer: `_partial_` optimiser factory (AdamW).
         autoencoder_checkpoint: the autoencoder stage's `final.ckpt`.
         image_size: data image size H = W; latents are (z_channels, H / f, W / f).
-        num_classes: classes of the dataset (class grid rows; recorded for the classifier stage).
+        num_classes: classes of the dataset (sample grid rows; recorded for the classifier stage).
         prediction_type: "eps", "v" or "x0".
         p_uncond: label-dropout probability.
         min_snr_gamma: min-SNR-gamma loss weighting, or None for the plain MSE.
@@ -111,11 +97,6 @@ class DiffusionModule(StageModule):
         ema_decay, ema_warmup: EMA of the U-Net (`lightning_modules.ema.EMA`).
         num_loss_buckets: timestep buckets of the logged losses.
         seed: seeds the training noise per (seed, rank, step), so ranks draw different t and noise.
-        samples_dir: where sample grids are written (`step{N}_s{scale}.png`); None disables them.
-        sample_every_n_steps: grid cadence in optimiser steps (and once at the end of training); 0 = end only.
-        sample_scales: classifier-free guidance scales of the grids (1 = no guidance).
-        sample_per_row, sample_max_rows: grid size: up to max_rows classes (or captions), per_row samples each.
-        sample_seed: noise seeds of the grid samples (the same at every scale and step).
     """
 
     stage_name = "diffusion"
@@ -140,19 +121,12 @@ class DiffusionModule(StageModule):
         ema_warmup: bool = True,
         num_loss_buckets: int = 10,
         seed: int = 0,
-        samples_dir: str | None = None,
-        sample_every_n_steps: int = 1000,
-        sample_scales: Sequence[float] = (1.0, 3.0),
-        sample_per_row: int = 8,
-        sample_max_rows: int = 10,
-        sample_seed: int = 0,
     ) -> None:
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {p_uncond}")
-        sample_scales = [float(s) for s in sample_scales]  # plain floats in hparams: checkpoints load weights_only
         self.save_hyperparameters(ignore=["unet", "conditioner", "schedule", "sampler", "optimizer"])
         # A plain object, not a submodule: the frozen autoencoder stays out of state_dict and optimiser.
         self.codec = LatentCodec.load(autoencoder_checkpoint)
@@ -172,7 +146,6 @@ class DiffusionModule(StageModule):
         # Frozen text-encoder weights are left out of our checkpoints; on_load_checkpoint checks the rest.
         self.strict_loading = False
         self._rng: torch.Generator | None = None
-        self._sampled_at = -1
 
     # --- the frozen first stage ----------------------------------------------------------------------
     def encode_latents(self, batch: dict[str, Any], generator: torch.Generator | None = None,
@@ -230,16 +203,8 @@ class DiffusionModule(StageModule):
     def on_train_start(self) -> None:
         self._rng = None  # reseed from the (possibly resumed) global step
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        every = self.hparams.sample_every_n_steps
-        if every and self.global_step % every == 0:
-            self.log_sample_grids()
-
     def on_train_epoch_end(self) -> None:
         self.log_data_health()
-
-    def on_train_end(self) -> None:
-        self.log_sample_grids()
 
     def configure_optimizers(self) -> dict[str, Any]:
         opt = build_optimizer(self.optimizer_factory, [*self.unet.parameters(), *self.conditioner.parameters()])
@@ -270,7 +235,7 @@ class DiffusionModule(StageModule):
         for m in self.val_losses:
             m.reset()
 
-    # --- sample grids ------------------------------------------------------------------------------------
+    # --- sampling ------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample_images(self, condition: Any, scale: float, seeds: Sequence[int]) -> np.ndarray:
         """EMA samples, uint8 (B, H, W, C), for B conditions at classifier-free guidance scale `scale`; the
@@ -278,42 +243,6 @@ class DiffusionModule(StageModule):
         return generate(self.ema.shadow, self.codec, self.ema_conditioner(), GuidanceSetting("cfg", cfg_scale=scale),
                         self.sampler, self.schedule, self.hparams.prediction_type, condition, seeds,
                         latent_shape=self.latent_shape, device=self.device)  # fmt: skip
-
-    def _grid_rows(self) -> tuple[dict[str, Any], list[str]]:
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        names = getattr(dm, "class_names", None)
-        templates = (getattr(dm, "manifest", None) or {}).get("caption_templates") or [None]
-        return grid_conditions(self.hparams.num_classes, self.hparams.sample_max_rows, self.hparams.sample_per_row,
-                               names, templates[0])  # fmt: skip
-
-    def log_sample_grids(self) -> list[Path]:
-        """Rank 0 only, outside any collective: write `step{N}_s{scale}.png` per scale, log them to W&B."""
-        if self.hparams.samples_dir is None or self.global_step == self._sampled_at:
-            return []
-        if self._trainer is not None and not self.trainer.is_global_zero:
-            return []
-        self._sampled_at = self.global_step
-        batch, titles = self._grid_rows()
-        batch["label"] = batch["label"].to(self.device)
-        cond = self.ema_conditioner()
-        condition = cond.condition_from_batch(batch)
-        per_row = self.hparams.sample_per_row
-        seeds = [self.hparams.sample_seed + i for i in range(len(batch["label"]))]
-        labels = [titles[i // per_row] if i % per_row == 0 else "" for i in range(len(seeds))]
-        paths = []
-        for scale in self.hparams.sample_scales:
-            images = self.sample_images(condition, float(scale), seeds)
-            path = Path(self.hparams.samples_dir) / f"step{self.global_step}_s{float(scale):g}.png"
-            paths.append(make_grid_png(images, nrow=per_row, path=path, labels=labels))
-            self._log_image(f"samples/scale_{float(scale):g}", path, f"step {self.global_step}, scale {scale}")
-        return paths
-
-    def _log_image(self, key: str, path: Path, caption: str) -> None:
-        from pytorch_lightning.loggers import WandbLogger
-
-        for logger in self.loggers if self._trainer is not None else []:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key=key, images=[str(path)], caption=[caption], step=self.global_step)
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def _frozen_keys(self) -> set[str]:

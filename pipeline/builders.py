@@ -132,7 +132,8 @@ def build_callbacks(cfg: DictConfig, stage_dir: Path) -> list[Callback]:
     ]
     if cfg.get("logger"):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    for cb in (cfg.stage.get("callbacks") or {}).values():
+    # The stage's rendering / scoring callbacks (conf/callbacks/<stage>.yaml); an entry set to null is off.
+    for cb in (cfg.get("callbacks") or {}).values():
         if cb is not None:
             callbacks.append(instantiate(cb))
     return callbacks

@@ -18,7 +18,7 @@ from lightning_modules.generation import GuidanceSetting, generate
 from tests.conftest import run_cli, tiny_overrides
 
 RUN = Path("default") / "fashion_mnist"
-SMALL_GRIDS = ("stage.module.sample_per_row=2", "stage.module.sample_max_rows=3")
+SMALL_GRIDS = ("callbacks.sample_grids.per_row=2", "callbacks.sample_grids.max_rows=3")
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_ddp_cpu_two_processes(tiny_data, runs):
 
 def test_resume_restores_ema_exactly(tiny_data, runs):
     pytest.importorskip("wandb")
-    args = ("debug=limit", "stage.module.sample_every_n_steps=0", "logger=wandb")
+    args = ("debug=limit", "callbacks.sample_grids.every_n_steps=0", "logger=wandb")
     train_diffusion(tiny_data, runs, "diffusion_resume", *args)
     stage = runs / RUN / "diffusion_resume"
     # the end-of-training grids went to W&B (offline) as well as to PNG files

@@ -1,18 +1,23 @@
 """The autoencoder stage's LightningModule on a tiny in-memory dataset (no shards): optimisers, GAN gating,
-config errors, NaN stops, latent statistics, checkpoints."""
+config errors, NaN stops, latent statistics, checkpoints; and its callbacks (reconstruction grid, rFID)."""
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
 
+from core.images import to_uint8_nhwc
+from eval.callbacks import ReconstructionFID, ReconstructionGrid
+from eval.metrics import fid_from_features
 from lightning_modules.artifacts import StageMismatchError, load_autoencoder
 from lightning_modules.autoencoder import (
     AutoencoderModule,
@@ -73,15 +78,16 @@ def make_module(disc_start: int = 100, perceptual_ckpt: Path | None = None, **kw
         optimizer=functools.partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9)),
         disc_optimizer=functools.partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9)),
         **{"perceptual": functools.partial(domain_perceptual, str(perceptual_ckpt)) if perceptual_ckpt else None,
-           "rfid_checkpoint": str(perceptual_ckpt) if perceptual_ckpt else None, "latent_stats_samples": 20, **kw},
+           "latent_stats_samples": 20, **kw},
     )
 
 
 def make_trainer(tmp_path: Path, max_steps: int, callbacks=(), **kw) -> pl.Trainer:
     return pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1, limit_test_batches=1,
+                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
                       default_root_dir=str(tmp_path), callbacks=list(callbacks),
-                      enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), **kw)  # fmt: skip
+                      enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+                      **{"limit_test_batches": 1, **kw})  # fmt: skip
 
 
 class Recorder(Callback):
@@ -205,7 +211,7 @@ def test_nan_stops_naming_step_and_term_and_keeps_last_ckpt(tmp_path):
         trainer.fit(module, datamodule=TinyImages())
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 2
-    # The frozen perceptual / rFID nets are re-loaded from their own file, never stored here.
+    # The frozen perceptual net is re-loaded from its own file, never stored here (nor any rFID net).
     assert not [k for k in last["state_dict"] if k.startswith(("loss.perceptual.", "rfid_net."))]
     assert "loss.logvar" in last["state_dict"] and last["stage"] == "autoencoder"
     # ... and a resume from that checkpoint loads strictly and finishes.
@@ -241,7 +247,8 @@ def test_scale_from_moments_matches_torch_std():
 def test_latent_scale_factor_and_bit_exact_reload(tmp_path):
     module = make_module(ema_decay=0.9, stats_seed=5, latent_stats_samples=10)
     dm = TinyImages()
-    trainer = make_trainer(tmp_path, max_steps=6)  # one epoch: validation runs at its end
+    # one epoch: validation runs at its end
+    trainer = make_trainer(tmp_path, max_steps=6, callbacks=[ReconstructionGrid()])
     trainer.fit(module, datamodule=dm)
     # By hand: posterior samples of the first 10 training images, same noise seed, exported (EMA) weights.
     ema = module.ema.shadow
@@ -269,12 +276,83 @@ def test_latent_scale_factor_and_bit_exact_reload(tmp_path):
 def test_eval_metrics_are_float32_whatever_the_training_precision(tmp_path):
     # Under bf16 autocast SSIM's windowed variances (E[x^2] - E[x]^2) lose most of their digits: a bf16-mixed
     # run reported SSIM 0.86 for weights that score 0.92 in float32. Same weights, both precisions, same numbers.
-    module = make_module(perceptual_ckpt=feature_net_ckpt(tmp_path / "fn.ckpt", "perceptual"))
+    fn = feature_net_ckpt(tmp_path / "fn.ckpt", "perceptual")
+    module = make_module(perceptual_ckpt=fn)
     dm = TinyImages(batch_size=8)
     results = {}
     for precision in ("32-true", "bf16-mixed"):
-        trainer = make_trainer(tmp_path / precision, max_steps=1, precision=precision)
+        trainer = make_trainer(tmp_path / precision, max_steps=1, precision=precision,
+                               callbacks=[ReconstructionFID(str(fn))])  # fmt: skip
         results[precision] = trainer.test(module, datamodule=dm, verbose=False)[0]
     assert set(results["32-true"]) == {"test/psnr", "test/ssim", "test/l1", "test/rfid"}
     for key, value in results["32-true"].items():
         assert results["bf16-mixed"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+# --- callbacks -------------------------------------------------------------------------------------
+
+
+def test_reconstruction_grid_is_inputs_over_reconstructions(tmp_path):
+    module = make_module()
+    dm = TinyImages(batch_size=4)
+    grid = ReconstructionGrid(num_images=3, dirpath=str(tmp_path / "grids"))
+    make_trainer(tmp_path, max_steps=1, callbacks=[grid], limit_train_batches=1).fit(module, datamodule=dm)
+    path = tmp_path / "grids" / "recon_step1.png"
+    image = np.asarray(Image.open(path))
+    # 2 rows x 3 tiles of 16 px with 2 px padding: inputs on top, their reconstructions below.
+    assert image.shape[:2] == (2 + 2 * 18, 2 + 3 * 18) and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    x = dm.images[:4]  # the first validation batch
+    with torch.no_grad():
+        recons = module(x).clamp(-1, 1)
+    tiles = to_uint8_nhwc(torch.cat([x[:3], recons[:3]]))
+    for i, tile in enumerate(tiles):
+        top, left = 2 + (i // 3) * 18, 2 + (i % 3) * 18
+        np.testing.assert_array_equal(image[top : top + 16, left : left + 16].reshape(16, 16, -1)[..., :1], tile)
+
+
+def test_reconstruction_fid_is_fid_of_the_feature_net_over_the_split(tmp_path):
+    fn = feature_net_ckpt(tmp_path / "fn.ckpt", "perceptual")
+    module = make_module()
+    dm = TinyImages(batch_size=12)  # two batches: the whole split, every row gathered
+    trainer = make_trainer(tmp_path, max_steps=1, limit_test_batches=2, callbacks=[ReconstructionFID(str(fn))])
+    got = trainer.test(module, datamodule=dm, verbose=False)[0]["test/rfid"]
+    net = FeatureNet(in_channels=1, num_classes=3, widths=(4, 8))
+    net.load_state_dict(torch.load(fn, weights_only=False)["feature_net_state_dict"])
+    net.eval()
+    with torch.no_grad():
+        feats = [net(torch.cat([x, module(x).clamp(-1, 1)]))["pooled"].chunk(2) for x in dm.images.split(12)]
+    real, fake = torch.cat([f[0] for f in feats]), torch.cat([f[1] for f in feats])
+    assert got == pytest.approx(fid_from_features(real, fake), rel=1e-4)
+    assert trainer.callback_metrics["test/rfid"] == pytest.approx(got)  # where metrics.json reads it from
+
+
+def test_reconstruction_fid_refuses_the_eval_net_and_other_channels(tmp_path):
+    with pytest.raises(StageMismatchError, match="role 'eval'.*needs role 'perceptual'"):
+        ReconstructionFID(str(feature_net_ckpt(tmp_path / "eval.ckpt", "eval")))
+    assert ReconstructionFID(None).features is None  # checkpoint null: no rFID
+    rfid = ReconstructionFID(str(feature_net_ckpt(tmp_path / "fn.ckpt", "perceptual")))
+    module = make_module()
+    module.autoencoder.forward = lambda *a, **k: pytest.fail("computed before the check")  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match=r"data.channels=3 but .*callbacks.reconstruction_fid.checkpoint.* takes 1"):
+        make_trainer(tmp_path, max_steps=1, callbacks=[rfid]).test(module, datamodule=TinyImages(channels=3))
+
+
+def test_reconstruction_grid_goes_to_wandb_under_its_key(tmp_path, monkeypatch):
+    import types
+
+    import eval.callbacks.media as media
+
+    class FakeWandb:
+        def __init__(self) -> None:
+            self.calls: list[dict] = []
+
+        def log_image(self, **kw) -> None:
+            self.calls.append(kw)
+
+    monkeypatch.setattr(media, "WandbLogger", FakeWandb)
+    wandb, csv = FakeWandb(), object()
+    trainer = types.SimpleNamespace(loggers=[csv, wandb], global_step=5, default_root_dir=str(tmp_path))
+    path = ReconstructionGrid(num_images=2).save(trainer, torch.zeros(4, 1, 8, 8), torch.ones(4, 1, 8, 8))
+    assert path == tmp_path / "samples" / "recon_step5.png"
+    assert wandb.calls == [{"key": "val/reconstructions", "images": [str(path)], "step": 5,
+                            "caption": ["top: inputs, bottom: reconstructions"]}]  # fmt: skip

@@ -1,4 +1,5 @@
-"""Stage classifier: t/noise sampling, per-bucket metrics, label checks, EMA, LR anneal, upstream checks."""
+"""Stage classifier: t/noise sampling, per-bucket metrics, label checks, EMA, LR anneal, upstream checks;
+the accuracy-vs-t plot callback."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import stats
 
+from eval.callbacks import AccuracyVsTimestepPlot, plot_accuracy_vs_t
 from lightning_modules.artifacts import StageMismatchError, state_fingerprint
 from lightning_modules.classifier_module import (
     BucketedAccuracy,
@@ -24,7 +26,6 @@ from lightning_modules.classifier_module import (
     check_labels,
     diffuse,
     linear_anneal,
-    plot_accuracy_vs_t,
 )
 from lightning_modules.diffusion import NoiseSchedule, bucket_centres, timestep_buckets
 from lightning_modules.nets.classifier import NoisyLatentClassifier
@@ -210,6 +211,36 @@ def test_accuracy_plot_is_a_png(tmp_path):
                               tmp_path / "plots" / "acc.png", "val")  # fmt: skip
     assert Image.open(path).format == "PNG"
     assert not [p for p in path.parent.iterdir() if p.name != "acc.png"]  # no temp file left behind
+
+
+def test_accuracy_plot_callback_after_validation_and_test(upstream, tmp_path, monkeypatch):
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    import eval.callbacks.classifier as classifier_callbacks
+
+    module = make_module(upstream, num_buckets=4)
+    plotted = []
+
+    def spy(centres, accuracy, chance, path, title):
+        plotted.append((centres, accuracy, chance, path, title))
+        return plot_accuracy_vs_t(centres, accuracy, chance, path, title)
+
+    monkeypatch.setattr(classifier_callbacks, "plot_accuracy_vs_t", spy)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=str(tmp_path), callbacks=[AccuracyVsTimestepPlot()])  # fmt: skip
+    loader = DataLoader([image_batch(8, seed=s) for s in range(2)], batch_size=None)
+    logged = trainer.validate(module, dataloaders=loader, verbose=False)[0]
+    trainer.test(module, dataloaders=loader, verbose=False)
+    for name in ("accuracy_vs_t.png", "test_accuracy_vs_t.png"):
+        assert Image.open(tmp_path / "plots" / name).format == "PNG"
+    (centres, accuracy, chance, path, title), _ = plotted
+    # what the module logged for this validation, against the module's bucket centres
+    assert centres == bucket_centres(module.schedule.num_timesteps, 4) and chance == 0.1
+    seen = [i for i in range(4) if math.isfinite(accuracy[i])]  # a bucket without samples is NaN, not logged
+    assert [accuracy[i] for i in seen] == pytest.approx([logged[f"val/acc_bucket{i}"] for i in seen])
+    assert path == tmp_path / "plots" / "accuracy_vs_t.png" and title.startswith("val accuracy")
+    assert plotted[1][3].name == "test_accuracy_vs_t.png" and plotted[1][1] == module.bucket_accuracy["test"]
 
 
 # --- bad input --------------------------------------------------------------------------------------

@@ -54,6 +54,28 @@ def test_every_group_option_composes(group, extra):
         resolve(compose_cfg("train", [f"{group}={option}", *(extra if option == "imagefolder" else [])]))
 
 
+def test_callbacks_group_has_a_file_per_stage():
+    # `callbacks: ${stage}` selects conf/callbacks/<stage>.yaml: a stage without one would not compose, an
+    # option that is neither a stage nor `none` would never be selected.
+    assert set(options("callbacks")) == {*options("stage"), "none"}
+
+
+@pytest.mark.parametrize("stage", options("stage"))
+@pytest.mark.parametrize("choice", ["default", "none"])
+def test_stage_callbacks_compose_and_are_built(stage, choice, tmp_path):
+    from pipeline.builders import build_callbacks
+
+    overrides = [f"stage={stage}"] + (["callbacks=none"] if choice == "none" else [])
+    cfg = compose_cfg("train", overrides)
+    resolve(cfg)
+    expected = OmegaConf.load(CONF / "callbacks" / f"{stage if choice == 'default' else 'none'}.yaml") or {}
+    assert set(cfg.callbacks) == set(expected)
+    if "reconstruction_fid" in cfg.callbacks:  # it loads its feature net: checked in the autoencoder tests
+        cfg.callbacks.reconstruction_fid.checkpoint = None
+    built = {type(cb).__name__ for cb in build_callbacks(cfg, tmp_path)}
+    assert {c._target_.rsplit(".", 1)[1] for c in cfg.callbacks.values()} <= built
+
+
 def test_model_group_options_compose():
     for sub in sorted(p.name for p in (CONF / "model").iterdir() if p.is_dir()):
         for option in options(f"model/{sub}"):
@@ -102,10 +124,12 @@ def test_experiment_stage_settings_reach_their_stage_only_and_the_command_line_w
     ae = compose_cfg("train", [*ldm, "stage=autoencoder"])
     assert ae.trainer.max_steps == 200000 and ae.stage.module.loss.disc_start == 50001
     assert ae.stage.checkpoint_every_n_steps == 2000  # the experiment's own value still reaches the stage
-    assert ae.model.perceptual._target_.endswith("LPIPSVGG") and ae.stage.module.rfid_checkpoint is None
+    assert ae.model.perceptual._target_.endswith("LPIPSVGG") and ae.callbacks.reconstruction_fid is None
+    assert ae.callbacks.reconstruction_grid.num_images == 8  # the other callbacks of the stage stay
     assert ae.stage.module.perceptual._target_.endswith("LPIPSVGG")  # what the module is built with
     diffusion = compose_cfg("train", [*ldm, "stage=diffusion"])
     assert diffusion.trainer.max_steps == 178000 and diffusion.stage.module.optimizer.lr == 1.0e-4
+    assert diffusion.callbacks.sample_grids.every_n_steps == 10000
     assert not diffusion.data.hflip  # the latent cache holds unflipped images
     classifier = compose_cfg("train", [*ldm, "stage=classifier"])
     assert classifier.trainer.max_steps == 300000 and classifier.model.classifier.model_channels == 128

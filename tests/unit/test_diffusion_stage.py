@@ -1,5 +1,6 @@
 """The diffusion stage's LightningModule: label dropout, the CFG null condition, the loss against a hand
-computation (eps / v / x0, min-SNR), EMA save/restore, the checkpoint contract, the latent cache."""
+computation (eps / v / x0, min-SNR), EMA save/restore, the checkpoint contract, the latent cache; the
+sample-grid callback."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from eval.callbacks import SampleGrids, grid_conditions
 from lightning_modules.artifacts import load_diffusion
 from lightning_modules.diffusion import DDIMSampler, NoiseSchedule, bucket_centres, timestep_buckets
 from lightning_modules.diffusion_module import (
     DiffusionModule,
     diffusion_loss,
-    grid_conditions,
 )
 from lightning_modules.nets.autoencoder import AutoencoderKL
 from lightning_modules.nets.conditioners import ClassConditioner
@@ -52,7 +53,7 @@ def make_module(ae_ckpt: Path, **kw) -> DiffusionModule:
     args = dict(unet=TINY_UNET, conditioner=ClassConditioner(NUM_CLASSES, embed_dim=8),
                 schedule=NoiseSchedule("scaled_linear", T), sampler=DDIMSampler(num_steps=4),
                 optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), autoencoder_checkpoint=str(ae_ckpt),
-                image_size=32, num_classes=NUM_CLASSES, samples_dir=None)  # fmt: skip
+                image_size=32, num_classes=NUM_CLASSES)  # fmt: skip
     args.update(kw)
     return DiffusionModule(**args)
 
@@ -177,6 +178,36 @@ def test_grid_conditions_rows_are_classes_or_captions():
     batch, titles = grid_conditions(1000, 4, 2, None, "a photo of a {}")
     assert batch["label"].tolist() == [0, 0, 333, 333, 666, 666, 999, 999]
     assert titles[1] == "class 333" and batch["caption"][2] == "a photo of a class 333"
+
+
+def test_sample_grids_every_n_steps_and_at_the_end_through_sample_images(ae_ckpt, tmp_path):
+    import pytorch_lightning as pl
+    from PIL import Image
+
+    module = make_module(ae_ckpt)
+    calls = []
+    original = module.sample_images
+
+    def spy(condition, scale, seeds):
+        calls.append((condition.tolist(), scale, list(seeds)))
+        return original(condition, scale, seeds)
+
+    module.sample_images = spy
+    grids = SampleGrids(str(tmp_path / "samples"), every_n_steps=2, scales=[1, 2.5], per_row=2, max_rows=3, seed=7)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, callbacks=[grids],
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, train_dataloaders=_loader(3))
+    # step 2 (the cadence) and step 3 (the end of training), each scale once
+    names = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert names == ["step2_s1.png", "step2_s2.5.png", "step3_s1.png", "step3_s2.5.png"]
+    rows = [0, 0, 4, 4, 9, 9]  # 3 evenly spaced classes of 10, 2 samples each
+    assert calls == [(rows, s, [7, 8, 9, 10, 11, 12]) for _ in (2, 3) for s in (1.0, 2.5)]
+    # 3 rows of 2 tiles of 32 px, a 12 px label strip under each tile, 2 px padding
+    assert Image.open(tmp_path / "samples" / "step3_s1.png").size == (2 + 2 * 34, 2 + 3 * 46)
+    # the end-of-training call at a step that already has its grids does not sample again
+    grids.on_train_end(trainer, module)
+    assert len(calls) == 4
+    assert SampleGrids(None).log_grids(trainer, module) == []  # dirpath null: no grids
 
 
 # ------------------------------------------------------------------------------------------ EMA, checkpoints

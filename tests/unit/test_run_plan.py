@@ -35,3 +35,12 @@ def test_experiment_stage_list_and_command_line_subset():
     assert list(planned(["experiment=imagenet256_ldm"])) == [
         "prepare", "autoencoder", "diffusion", "classifier", "evaluate", "evaluate_classifier"]  # fmt: skip
     assert list(planned(["experiment=imagenet256_ldm", "stages=[diffusion]"])) == ["diffusion"]
+
+
+def test_callback_overrides_reach_the_stages_that_have_the_callback():
+    steps = planned(["stages=[autoencoder,diffusion,classifier]", "callbacks.sample_grids.per_row=2",
+                     "callbacks.reconstruction_fid=null"])  # fmt: skip
+    assert steps["diffusion"] == ["callbacks.sample_grids.per_row=2"]
+    assert steps["autoencoder"] == ["callbacks.reconstruction_fid=null"] and steps["classifier"] == []
+    steps = planned(["stages=[feature_net_eval,classifier]", "callbacks=none"])
+    assert steps == {"feature_net_eval": ["callbacks=none"], "classifier": ["callbacks=none"]}
