@@ -87,7 +87,8 @@ def build_scorer(cfg: DictConfig, extractor, datamodule, num_classes: int, world
 
 
 def log_wandb(cfg: DictConfig, rows: list[dict], outputs: dict) -> None:
-    """Log to W&B when `logger` has a wandb entry; offline without an API key (as the training stages)."""
+    """Log to W&B when `logger` has a wandb entry; offline without an API key (as the training stages).
+    The run is named by the logger config (`job` of evaluate.yaml: <run_name>-eval-<sweep>)."""
     lcfg = (cfg.get("logger") or {}).get("wandb")
     if lcfg is None:
         return
@@ -97,7 +98,7 @@ def log_wandb(cfg: DictConfig, rows: list[dict], outputs: dict) -> None:
     run_id = wandb_run_id(cfg.paths.run_dir, f"eval/{cfg.sweep_name}", "")  # a re-run continues this run
     run_dir = log_to_wandb(
         rows, outputs, run_dir=cfg.paths.run_dir, run_id=run_id, project=lcfg.project, group=lcfg.group,
-        name=f"{cfg.run_name}-eval-{cfg.sweep_name}", entity=lcfg.entity, tags=list(lcfg.tags or []),
+        name=lcfg.name, entity=lcfg.entity, tags=list(lcfg.tags or []),
         config=scrub_secrets(OmegaConf.to_container(cfg, resolve=True)), offline=offline,
     )  # fmt: skip
     print(f"[evaluate] W&B ({'offline' if offline else 'online'}): {run_dir}")
