@@ -36,14 +36,21 @@ from lightning_modules.artifacts import load_classifier, load_diffusion
 from pipeline.common import save_config, scrub_secrets
 
 
+def sweep_settings(g: DictConfig) -> list:
+    """The settings of the `guidance` config. A kind's file holds only the keys it reads (cfg: no
+    classifier_scales/pairing; classifier: no scales/pairing/rescale_phi/negative): the rest default."""
+    return expand_settings(g.kind, g.get("scales"), g.get("classifier_scales"), g.get("pairing", "grid"),
+                           g.get("rescale_phi", 0.0), g.get("negative"))  # fmt: skip
+
+
 def build_job(cfg: DictConfig, rank: int, world: int, local_rank: int) -> SweepJob:
     """Every check and every load before any sampling: settings, checkpoints, data, scoring net, counts."""
     g = cfg.guidance
-    settings = expand_settings(g.kind, g.scales, g.classifier_scales, g.pairing, g.rescale_phi, g.negative)
+    settings = sweep_settings(g)
     if cfg.sweep_index is not None:
         settings = [select_setting(settings, cfg.sweep_index)]
     needs_classifier = any(s.cls_scale for s in settings)
-    if needs_classifier and not g.classifier_checkpoint:
+    if needs_classifier and not g.get("classifier_checkpoint"):
         raise ValueError("classifier guidance (s_cls != 0) needs guidance.classifier_checkpoint=<final.ckpt>")
     device = cfg.device
     if device == "auto":

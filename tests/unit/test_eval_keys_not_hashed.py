@@ -17,12 +17,13 @@ from pipeline.run import CONF, accepted, plan
 
 EXPERIMENT = "experiment=fashion_mnist_quick"
 
-# Every evaluation key of conf/evaluate.yaml (and its groups), each changed once.
+# Every evaluation key of conf/evaluate.yaml (and its groups), each changed once (a tuple: on that option).
 EVAL_OVERRIDES = [
     "sampler.num_steps=20", "sampler.eta=0.5", "sampler.spacing=trailing", "sampler.clip_x0=1.0", "sampler=ddpm",
-    "guidance=classifier", "guidance=both", "guidance.scales=[1,2]", "guidance.classifier_scales=[0,2]",
-    "guidance.pairing=paired", "guidance.rescale_phi=0.7", "guidance.negative=0", "guidance.caption_template='an image of a {}'",
-    "guidance.classifier_checkpoint=/x.ckpt", "guidance.name=other",
+    "guidance=classifier", "guidance=both", "guidance.scales=[1,2]", "guidance.rescale_phi=0.7",
+    "guidance.negative=0", "guidance.caption_template='an image of a {}'", "guidance.name=other",
+    ("guidance=both", "guidance.classifier_scales=[0,2]"), ("guidance=both", "guidance.pairing=paired"),
+    ("guidance=classifier", "guidance.classifier_checkpoint=/x.ckpt"),
     "num_samples=150", "batch_size=75", "sample_seed=3", "grid_per_class=2", "sweep_name=other",
     "sweep_dir=/tmp/sweep", "sweep_index=1", "report_only=true", "device=cpu", "sampling_dtype=bf16",
     "progress=false", "progress_steps=true", "metrics.is_splits=5", "metrics.pr_k=5", "metrics.kid=true",
@@ -54,12 +55,13 @@ def training(hydra_conf, tmp_path_factory):
     return base, steps, {s.name: stage_hash(compose(config_name=s.root, overrides=s.argv)) for s in steps}
 
 
-@pytest.mark.parametrize("override", EVAL_OVERRIDES)
+@pytest.mark.parametrize("override", EVAL_OVERRIDES, ids=str)
 def test_an_evaluation_setting_changes_no_training_hash(training, override):
     base, steps, hashes = training
-    assert accepted("evaluate", base, [override]) == [override], f"{override}: not an evaluation setting"
+    overrides = [override] if isinstance(override, str) else list(override)
+    assert accepted("evaluate", base, overrides) == overrides, f"{override}: not an evaluation setting"
     for step in steps:
-        forwarded = accepted(step.root, step.argv, [override])  # what pipeline.run would pass this stage
+        forwarded = accepted(step.root, step.argv, overrides)  # what pipeline.run would pass this stage
         if forwarded:
             cfg = compose(config_name=step.root, overrides=[*step.argv, *forwarded])
             assert stage_hash(cfg) == hashes[step.name], f"{override} changes the hash of stage {step.name}"
@@ -76,6 +78,7 @@ def test_the_reevaluation_command_line_reaches_only_the_evaluation(hydra_conf):
 def test_every_evaluation_key_is_covered(hydra_conf):
     """A new evaluation key joins EVAL_OVERRIDES (or SHARED, when the training stages read it too)."""
     evaluate = set(compose(config_name="evaluate", overrides=[EXPERIMENT]))
-    covered = {o.split("=", 1)[0].split(".", 1)[0].split("/", 1)[0] for o in EVAL_OVERRIDES}
+    flat = [o for entry in EVAL_OVERRIDES for o in ([entry] if isinstance(entry, str) else entry)]
+    covered = {o.split("=", 1)[0].split(".", 1)[0].split("/", 1)[0] for o in flat}
     assert evaluate - SHARED - covered == set()
     assert SHARED <= set(compose(config_name="train", overrides=[EXPERIMENT, "stage=diffusion"]))
