@@ -158,7 +158,7 @@ def test_sbatch_command_rejects_zero_tasks() -> None:
         _sbatch("job.sh", Path("out.log"), ntasks_per_node=0)
 
 
-def test_hydra_slurm_launcher_config_composes() -> None:
+def test_hydra_submitit_launcher_config_composes() -> None:
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

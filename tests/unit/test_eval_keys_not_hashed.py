@@ -82,3 +82,17 @@ def test_every_evaluation_key_is_covered(hydra_conf):
     covered = {o.split("=", 1)[0].split(".", 1)[0].split("/", 1)[0] for o in flat}
     assert evaluate - SHARED - covered == set()
     assert SHARED <= set(compose(config_name="train", overrides=[EXPERIMENT, "stage=diffusion"]))
+
+
+def test_the_two_samplers_are_separate_keys(hydra_conf):
+    """The evaluation's `sampler` (evaluate.yaml) and the training grids' (stage.module.sampler) are two
+    keys: a training config has no global `sampler`, and each demo experiment keeps its sizes."""
+    for experiment in ("fashion_mnist_quick", "fashion_mnist_text"):
+        train = compose(config_name="train", overrides=[f"experiment={experiment}", "stage=diffusion"])
+        assert "sampler" not in train and train.stage.module.sampler.num_steps == 10
+        assert train.stage.module.sampler._target_.endswith("DDIMSampler")
+        sweep = compose(config_name="evaluate", overrides=[f"experiment={experiment}"])
+        assert (sweep.num_samples, sweep.batch_size, sweep.sampler.num_steps) == (1000, 500, 10)
+    assert compose(config_name="train", overrides=["stage=diffusion"]).stage.module.sampler.num_steps == 25
+    ddpm = compose(config_name="train", overrides=["stage=diffusion", "sampler@stage.module.sampler=ddpm"])
+    assert ddpm.stage.module.sampler._target_.endswith("DDPMSampler")
