@@ -1,4 +1,5 @@
-"""Write sources as WebDataset tar shards plus a `manifest.json` (the data contract of DESIGN.md).
+"""Write sources as WebDataset tar shards plus a `manifest.json` (the data contract of
+docs/ARCHITECTURE.md, "Shards and manifest").
 
 Each sample has the standard keys `__key__`, `png` (lossless image), `cls` (integer label), `txt`
 (caption) and `json` (metadata), so other WebDataset tools can read the shards. Every shard is

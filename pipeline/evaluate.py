@@ -30,14 +30,21 @@ from lightning_modules.artifacts import load_classifier, load_diffusion
 from pipeline.common import save_config, scrub_secrets
 
 
+def sweep_settings(g: DictConfig) -> list:
+    """The settings of the `guidance` config. A kind's file holds only the keys it reads (cfg: no
+    classifier_scales/pairing; classifier: no scales/pairing/rescale_phi/negative): the rest default."""
+    return expand_settings(g.kind, g.get("scales"), g.get("classifier_scales"), g.get("pairing", "grid"),
+                           g.get("rescale_phi", 0.0), g.get("negative"))  # fmt: skip
+
+
 def build_job(cfg: DictConfig, rank: int, world: int, local_rank: int) -> SweepJob:
     """Every check and every load before any sampling: settings, checkpoints, data, scoring net, counts."""
     g = cfg.guidance
-    settings = expand_settings(g.kind, g.scales, g.classifier_scales, g.pairing, g.rescale_phi, g.negative)
+    settings = sweep_settings(g)
     if cfg.sweep_index is not None:
         settings = [select_setting(settings, cfg.sweep_index)]
     needs_classifier = any(s.cls_scale for s in settings)
-    if needs_classifier and not g.classifier_checkpoint:
+    if needs_classifier and not g.get("classifier_checkpoint"):
         raise ValueError("classifier guidance (s_cls != 0) needs guidance.classifier_checkpoint=<final.ckpt>")
     device = cfg.device
     if device == "auto":
@@ -81,7 +88,8 @@ def build_scorer(cfg: DictConfig, extractor, datamodule, num_classes: int, world
 
 
 def log_wandb(cfg: DictConfig, rows: list[dict], outputs: dict) -> None:
-    """Log to W&B when `logger` has a wandb entry; offline without an API key (as the training stages)."""
+    """Log to W&B when `logger` has a wandb entry; offline without an API key (as the training stages).
+    The run is named by the logger config (`job` of evaluate.yaml: <run_name>-eval-<sweep>)."""
     lcfg = (cfg.get("logger") or {}).get("wandb")
     if lcfg is None:
         return
@@ -91,7 +99,7 @@ def log_wandb(cfg: DictConfig, rows: list[dict], outputs: dict) -> None:
     run_id = wandb_run_id(cfg.paths.run_dir, f"eval/{cfg.sweep_name}", "")  # a re-run continues this run
     run_dir = log_to_wandb(
         rows, outputs, run_dir=cfg.paths.run_dir, run_id=run_id, project=lcfg.project, group=lcfg.group,
-        name=f"{cfg.run_name}-eval-{cfg.sweep_name}", entity=lcfg.entity, tags=list(lcfg.tags or []),
+        name=lcfg.name, entity=lcfg.entity, tags=list(lcfg.tags or []),
         config=scrub_secrets(OmegaConf.to_container(cfg, resolve=True)), offline=offline,
     )  # fmt: skip
     print(f"[evaluate] W&B ({'offline' if offline else 'online'}): {run_dir}")

@@ -61,10 +61,9 @@ def stage_sbatch_argv(step, launcher: DictConfig, log_dir: Path, dependency: lis
 
 def sweep_size(step) -> int:
     """Number of settings in an evaluation step's sweep (its composed `guidance` config)."""
-    from eval.settings import expand_settings
+    from pipeline.evaluate import sweep_settings
 
-    g = compose(config_name=step.root, overrides=step.argv).guidance
-    return len(expand_settings(g.kind, g.scales, g.classifier_scales, g.pairing, g.rescale_phi, g.negative))
+    return len(sweep_settings(compose(config_name=step.root, overrides=step.argv).guidance))
 
 
 def eval_array_argv(step, launcher: DictConfig, log_dir: Path, dependency: list[str], n: int) -> list[str]:

@@ -1,7 +1,8 @@
 """Classifier-free guidance (Ho & Salimans 2022) and classifier guidance (Dhariwal & Nichol 2021).
 
-Scale conventions (see DESIGN.md): classifier-free guidance `eps_u + s (eps_c - eps_u)` with s = 1 meaning
-no guidance (the paper's w is s - 1); classifier guidance scale s_cls = 0 meaning no guidance.
+Scale conventions (docs/ARCHITECTURE.md, "Guidance scales"): classifier-free guidance
+`eps_u + s (eps_c - eps_u)` with s = 1 meaning no guidance (the paper's w is s - 1); classifier guidance
+scale s_cls = 0 meaning no guidance.
 """
 
 from __future__ import annotations

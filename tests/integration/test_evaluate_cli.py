@@ -81,7 +81,10 @@ def test_report_only_logs_to_wandb_offline(tiny_data, runs, cfg_sweep):
 
 
 def test_classifier_and_both_sweeps(tiny_data, runs):
-    run_cli("pipeline.evaluate", "-m", *tiny_overrides(tiny_data, runs), *SMALL, "guidance=classifier,both",
+    # Two runs: guidance/classifier.yaml has no classifier-free `scales` (it reads none) for a multirun to set.
+    run_cli("pipeline.evaluate", *tiny_overrides(tiny_data, runs), *SMALL, "guidance=classifier",
+            "guidance.classifier_scales=[0,2]")  # fmt: skip
+    run_cli("pipeline.evaluate", *tiny_overrides(tiny_data, runs), *SMALL, "guidance=both",
             "guidance.scales=[2]", "guidance.classifier_scales=[0,2]")  # fmt: skip
     rows = json.loads((eval_dir(runs, "classifier") / "results.json").read_text())
     assert [(r["setting"], r["cfg_scale"], r["cls_scale"]) for r in rows] == [

@@ -158,11 +158,11 @@ def test_sbatch_command_rejects_zero_tasks() -> None:
         _sbatch("job.sh", Path("out.log"), ntasks_per_node=0)
 
 
-def test_hydra_slurm_launcher_config_composes() -> None:
+def test_hydra_submitit_launcher_config_composes() -> None:
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name=None, overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+        cfg = compose(config_name=None, overrides=["hydra/launcher=submitit"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher.signal_delay_s == 90 and launcher.tasks_per_node == 1
@@ -416,7 +416,7 @@ main()
     )
     overrides = [
         "-m",
-        "hydra/launcher=slurm",
+        "hydra/launcher=submitit",
         f"hydra.searchpath=[file://{REPO / 'conf'}]",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
         "hydra.launcher.cpus_per_task=1",

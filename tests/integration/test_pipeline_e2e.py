@@ -14,12 +14,14 @@ from tests.integration.test_local_slurm import cluster  # noqa: F401
 RUN = "default/fashion_mnist"
 STAGES = "stages=[feature_net_perceptual,feature_net_eval,autoencoder,diffusion,classifier,evaluate]"
 TINY_EVAL = ["num_samples=150", "batch_size=75", "guidance.scales=[1,3]", "sampler.num_steps=4"]
+TINY_GRIDS = ["stage.module.sampler.num_steps=4"]  # the diffusion stage's training grids (a training key)
 
 
 @pytest.fixture(scope="module")
 def pipeline_run(tiny_data, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    args = [STAGES, "debug=limit", "logger=wandb", f"paths.data_dir={tiny_data}", f"paths.runs_dir={runs}", *TINY_EVAL]
+    args = [STAGES, "debug=limit", "logger=wandb", f"paths.data_dir={tiny_data}", f"paths.runs_dir={runs}", *TINY_EVAL,
+            *TINY_GRIDS]
     out = run_cli("pipeline.run", *args, timeout=1800)
     return runs / RUN, args, out
 
@@ -74,7 +76,8 @@ def test_changed_upstream_reruns_downstream(pipeline_run):
 def test_whole_chain_on_slurm_with_ddp(cluster, tiny_data, tmp_path):  # noqa: F811
     out = run_cli("pipeline.run", STAGES, "debug=fdr", "logger=csv", "launcher=slurm", "launcher.wait=true",
                   "launcher.ntasks_per_node=2", "launcher.cpus_per_task=1", "trainer=ddp_cpu",
-                  f"paths.data_dir={tiny_data}", f"paths.runs_dir={tmp_path}", *TINY_EVAL, timeout=3000)  # fmt: skip
+                  f"paths.data_dir={tiny_data}", f"paths.runs_dir={tmp_path}", *TINY_EVAL, *TINY_GRIDS,
+                  timeout=3000)  # fmt: skip
     # 5 training stages and the sweep's report job; the sweep itself is an array job of 2 settings.
     assert out.stdout.count("submitted job") == 6 and "evaluate_report: submitted job" in out.stdout
     assert "evaluate: submitted array job" in out.stdout and "(2 sweep settings" in out.stdout

@@ -30,6 +30,7 @@ from lightning_modules import generation
 from lightning_modules.artifacts import StageMismatchError, load_diffusion
 from lightning_modules.diffusion import DDIMSampler, DDPMSampler, sample
 from lightning_modules.generation import GuidanceSetting
+from pipeline.evaluate import sweep_settings
 from tests import tiny_checkpoints as tiny
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -426,5 +427,4 @@ def test_evaluate_config_options_compose(overrides, tmp_path):
         cfg = compose("evaluate", overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["sweep_dir"].endswith(f"eval/{resolved['guidance']['name']}")
-    assert expand_settings(cfg.guidance.kind, cfg.guidance.scales, cfg.guidance.classifier_scales,
-                           cfg.guidance.pairing)  # fmt: skip
+    assert sweep_settings(cfg.guidance)  # each guidance file holds the keys its kind reads
