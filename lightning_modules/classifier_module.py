@@ -24,7 +24,12 @@ from pytorch_lightning.loggers import WandbLogger
 from torch import Tensor
 
 from core.io import atomic_write_bytes
-from lightning_modules.artifacts import StageMismatchError, load_autoencoder, load_stage_checkpoint
+from lightning_modules.artifacts import (
+    StageMismatchError,
+    classifier_artifacts,
+    load_autoencoder,
+    load_diffusion_upstream,
+)
 from lightning_modules.base import StageModule, build_optimizer
 from lightning_modules.diffusion import NoiseSchedule, q_sample
 from lightning_modules.ema import EMA
@@ -197,7 +202,8 @@ class ClassifierModule(StageModule):
             autoencoder_checkpoint
         )
         self._frozen = {"autoencoder": autoencoder}  # a plain dict: not a submodule, not in state_dict
-        upstream = self._read_diffusion(diffusion_checkpoint, num_classes)
+        upstream = load_diffusion_upstream(diffusion_checkpoint, autoencoder_checkpoint,
+                                           self.autoencoder_fingerprint, num_classes)  # fmt: skip
         self.schedule = NoiseSchedule.from_dict(upstream["schedule"])
         self.latent_shape = [int(s) for s in upstream["latent_shape"]]
         self.net = build_net(net, self.latent_shape, num_classes)
@@ -208,38 +214,12 @@ class ClassifierModule(StageModule):
         self.val_metrics = BucketedAccuracy(T, num_buckets)
         self.test_metrics = BucketedAccuracy(T, num_buckets)
 
-    def _read_diffusion(self, path: str, num_classes: int) -> dict[str, Any]:
-        ckpt = load_stage_checkpoint(
-            path, "diffusion", ("schedule", "latent_shape", "autoencoder_fingerprint")
-        )
-        theirs = ckpt["autoencoder_fingerprint"]
-        if theirs != self.autoencoder_fingerprint:
-            raise StageMismatchError(
-                f"autoencoder {self.hparams.autoencoder_checkpoint} (weights {self.autoencoder_fingerprint[:12]}) "
-                f"is not the one diffusion checkpoint {path} was trained on (weights {theirs[:12]}): "
-                f"retrain the diffusion stage or point stage.module.autoencoder_checkpoint at its autoencoder"
-            )
-        if "num_classes" in ckpt and int(ckpt["num_classes"]) != num_classes:
-            raise StageMismatchError(
-                f"data has {num_classes} classes but diffusion checkpoint {path} was trained on "
-                f"{ckpt['num_classes']}"
-            )
-        return {"schedule": ckpt["schedule"], "latent_shape": ckpt["latent_shape"]}
-
     # --- what the next stage needs -----------------------------------------------------------------
     def artifacts(self) -> dict[str, Any]:
-        return {
-            "classifier_hparams": self.net.hparams(),
-            "classifier_state_dict": {k: v.detach().cpu() for k, v in self.eval_net.state_dict().items()},
-            "classifier_is_ema": self.ema is not None,
-            "schedule": self.schedule.to_dict(),
-            "latent_shape": list(self.latent_shape),
-            "autoencoder_fingerprint": self.autoencoder_fingerprint,
-            "autoencoder_checkpoint": str(self.hparams.autoencoder_checkpoint),
-            "diffusion_checkpoint": str(self.hparams.diffusion_checkpoint),
-            "latent_scale_factor": self.scale_factor,
-            "num_classes": int(self.hparams.num_classes),
-        }
+        return classifier_artifacts(self.eval_net, self.ema is not None, self.schedule, self.latent_shape,
+                                    self.hparams.autoencoder_checkpoint, self.autoencoder_fingerprint,
+                                    self.hparams.diffusion_checkpoint, self.scale_factor,
+                                    self.hparams.num_classes)  # fmt: skip
 
     @property
     def eval_net(self) -> NoisyLatentClassifier:
