@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_modules.artifacts import (
     autoencoder_artifacts,
@@ -67,8 +67,26 @@ def substitute_missing_upstream(cfg: DictConfig) -> dict[str, Path]:
               "marked done)", flush=True)  # fmt: skip
         with open_dict(cfg):
             cfg.stage.upstream[name] = str(target)
+        with open_dict(cfg):
+            _redirect(cfg, str(final_checkpoint(upstream[name])), str(path))
         written[name] = path
     return written
+
+
+def _redirect(node: DictConfig, old: str, new: str) -> None:
+    """Point every other config value that names the upstream's final.ckpt by its own path (not through
+    `stage.upstream`, e.g. model.perceptual.checkpoint_path) at the placeholder. Interpolations of whole
+    nodes follow their target and are left alone."""
+    for key in list(node.keys()):
+        if OmegaConf.is_dict(node._get_node(key)) and not OmegaConf.is_interpolation(node, key):
+            _redirect(node[key], old, new)
+            continue
+        try:
+            value = node[key]
+        except Exception:  # noqa: BLE001 - a value that does not resolve here names no checkpoint
+            continue
+        if isinstance(value, str) and value == old:
+            node[key] = new
 
 
 def write_placeholder(name: str, ucfg: DictConfig, path: Path, cfg: DictConfig) -> Path:

@@ -76,7 +76,7 @@ def test_wandb_offline_run_holds_metrics(tiny_data, tmp_path):
     assert b"WANDB_API_KEY" not in blob
 
 
-def test_fdr_stages_run_on_an_empty_runs_dir(tiny_data, tmp_path):
+def test_fdr_stages_run_without_their_upstream_stages(tiny_data, tmp_path):
     """debug=fdr smoke-tests a stage on its own: a missing upstream artifact is replaced by a random-init one
     built from the config (the real writers), named on stdout, and the upstream stage is never marked done."""
     from lightning_modules.artifacts import load_autoencoder, load_diffusion
@@ -101,3 +101,9 @@ def test_fdr_stages_run_on_an_empty_runs_dir(tiny_data, tmp_path):
     assert done["fdr_placeholders"] == ["autoencoder", "diffusion"] and done["global_step"] == 1
     assert torch.load(run / "classifier" / "checkpoints" / "final.ckpt", weights_only=True)["stage"] == "classifier"
     assert not (run / "autoencoder").exists() and (run / "diffusion" / "DONE").exists()
+
+    # autoencoder: its perceptual net (named by model.perceptual.checkpoint_path too) is a placeholder
+    out = run_cli("pipeline.train", "stage=autoencoder", "debug=fdr", *tiny_overrides(tiny_data, tmp_path))
+    placeholder = run / "autoencoder" / "fdr_placeholders" / "feature_net_perceptual" / "checkpoints" / "final.ckpt"
+    assert f"randomly initialised feature_net_perceptual built from its config instead: {placeholder}" in out.stdout
+    assert (run / "autoencoder" / "DONE").exists() and not (run / "feature_net_perceptual").exists()
