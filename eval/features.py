@@ -65,8 +65,8 @@ class DomainFeatures(FeatureExtractor):
     """The domain feature net (stage feature_net) as a metrics feature extractor.
 
     Args:
-        checkpoint_path: the feature_net stage's final.ckpt, read by `lightning_modules.artifacts.load_feature_net`
-            (weights only; the role is checked by `check_eval_feature_net` before scoring).
+        checkpoint_path: the feature_net stage's final.ckpt, read (weights only) by
+            `lightning_modules.artifacts.load_feature_net`; `check_eval_feature_net` checks its role.
     """
 
     name = "domain_feature_net"
