@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import pickle
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -22,11 +21,10 @@ from torch import nn
 from core.images import Images, to_float_nchw, to_uint8_nchw
 from core.io import atomic_open
 from eval.metrics import feature_statistics
-from lightning_modules.nets.feature_net import FeatureNet
+from lightning_modules.artifacts import load_feature_net
 
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_CONFIG_KEY = "model.features.weights_path"
-CHECKPOINT_KEYS = ("feature_net_hparams", "feature_net_state_dict")
 
 class FeatureExtractor(nn.Module):
     """A frozen network: images -> {"pooled": (B, D), "logits": (B, K)}.
@@ -63,21 +61,12 @@ class FeatureExtractor(nn.Module):
         return digest.hexdigest()
 
 
-def _load_torch_file(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Our own Lightning checkpoints may hold config objects that the safe loader refuses; the file
-        # is this pipeline's own output, so the full unpickler is acceptable here.
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
 class DomainFeatures(FeatureExtractor):
     """The domain feature net (stage feature_net) as a metrics feature extractor.
 
     Args:
-        checkpoint_path: torch-saved dict with "feature_net_hparams" (FeatureNet kwargs) and
-            "feature_net_state_dict" (written by the feature_net stage into final.ckpt).
+        checkpoint_path: the feature_net stage's final.ckpt, read (weights only) by
+            `lightning_modules.artifacts.load_feature_net`; `check_eval_feature_net` checks its role.
     """
 
     name = "domain_feature_net"
@@ -90,15 +79,7 @@ class DomainFeatures(FeatureExtractor):
                 f"feature-net checkpoint not found: {path} (train stage feature_net first, or set "
                 f"{WEIGHTS_CONFIG_KEY})"
             )
-        ckpt = _load_torch_file(path)
-        missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-        if missing:
-            found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise KeyError(
-                f"checkpoint {path} lacks {missing} (found: {found}); is it a feature_net checkpoint?"
-            )
-        self.net = FeatureNet(**ckpt["feature_net_hparams"])
-        self.net.load_state_dict(ckpt["feature_net_state_dict"])
+        self.net = load_feature_net(path)
         self.feature_dim = self.net.feature_dim
         self.num_classes = self.net.num_classes
         self._freeze()

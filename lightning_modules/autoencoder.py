@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from core.io import atomic_write_text
-from lightning_modules.artifacts import StageMismatchError, load_feature_net, load_stage_checkpoint
+from lightning_modules.artifacts import autoencoder_artifacts, load_feature_net
 from lightning_modules.base import StageModule, build_optimizer, warmup_cosine
 from lightning_modules.ema import EMA
 from lightning_modules.nets.autoencoder import AutoencoderKL
@@ -54,22 +54,9 @@ class NonFiniteLossError(FloatingPointError):
 # --- frozen networks from the feature_net stage ----------------------------------------------------
 
 
-def check_feature_net_role(path: str, role: str = PERCEPTUAL_ROLE) -> None:
-    """Refuse a feature_net checkpoint trained for another role (the `eval` net scores samples and must
-    never be what a model is trained against)."""
-    found = load_stage_checkpoint(path, "feature_net", ("feature_net_role",))["feature_net_role"]
-    if found != role:
-        raise StageMismatchError(
-            f"{path} is the feature net of role {found!r}, but the autoencoder needs role {role!r}: train it with "
-            f"`python -m pipeline.train stage=feature_net stage.role={role}` (the {found!r} net scores samples and "
-            "must never be trained against)"
-        )
-
-
 def load_role_feature_net(path: str, role: str = PERCEPTUAL_ROLE) -> FeatureNet:
-    """The frozen `FeatureNet` of a feature_net checkpoint of role `role` (checked)."""
-    check_feature_net_role(path, role)
-    return load_feature_net(path).requires_grad_(False)
+    """The frozen `FeatureNet` of a feature_net checkpoint of role `role` (checked by the loader)."""
+    return load_feature_net(path, role=role, user="the autoencoder").requires_grad_(False)
 
 
 def domain_perceptual(checkpoint_path: str) -> DomainPerceptual:
@@ -244,16 +231,8 @@ class AutoencoderModule(StageModule):
         return self.ema.shadow if self.ema is not None else self.autoencoder
 
     def artifacts(self) -> dict[str, Any]:
-        net = self.export_autoencoder
-        out: dict[str, Any] = {
-            "autoencoder_hparams": net.hparams(),
-            "autoencoder_state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
-        }
-        if self.image_shape is not None:
-            out.update(image_shape=list(self.image_shape), latent_shape=list(self.latent_shape))
-        if self.latent_stats is not None:
-            out["latent_scale_factor"] = float(self.latent_stats["scale_factor"])
-        return out
+        scale = self.latent_stats["scale_factor"] if self.latent_stats is not None else None
+        return autoencoder_artifacts(self.export_autoencoder, scale, self.image_shape, self.latent_shape)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -24,6 +24,11 @@ class StageModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["stage"] = self.stage_name
         checkpoint.update(self.artifacts())
+        # Hyper-parameters as plain containers (no OmegaConf objects, no type object): every checkpoint
+        # of ours loads with torch.load(weights_only=True), as lightning_modules.artifacts requires.
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = plain_container(checkpoint["hyper_parameters"])
+        checkpoint.pop("hparams_type", None)
 
     def log_data_health(self) -> None:
         """Log how many corrupt samples the data pipeline has skipped so far (summed over ranks)."""
@@ -32,6 +37,19 @@ class StageModule(pl.LightningModule):
         if counter is not None:
             self.log("data/skipped_samples", float(counter.value), reduce_fx="sum", sync_dist=True,
                      on_step=False, on_epoch=True)  # fmt: skip
+
+
+def plain_container(obj: Any) -> Any:
+    """`obj` with OmegaConf containers, dict subclasses and tuples turned into plain dicts and lists."""
+    if type(obj).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        obj = OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, dict):
+        return {k: plain_container(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain_container(v) for v in obj]
+    return obj
 
 
 def build_optimizer(

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor
 
-from lightning_modules.artifacts import StageMismatchError, load_stage_checkpoint
+from lightning_modules.artifacts import StageMismatchError, classifier_artifacts, load_diffusion_upstream
 from lightning_modules.base import StageModule, build_optimizer
 from lightning_modules.codec import LatentCodec
 from lightning_modules.diffusion import NoiseSchedule, bucket_centres, q_sample, timestep_buckets
@@ -157,7 +157,8 @@ class ClassifierModule(StageModule):
         # A plain object, not a submodule: the frozen autoencoder stays out of state_dict and optimiser.
         self.codec = LatentCodec.load(autoencoder_checkpoint)
         self.autoencoder_fingerprint = self.codec.fingerprint
-        upstream = self._read_diffusion(diffusion_checkpoint, num_classes)
+        upstream = load_diffusion_upstream(diffusion_checkpoint, autoencoder_checkpoint,
+                                           self.autoencoder_fingerprint, num_classes)  # fmt: skip
         self.schedule = NoiseSchedule.from_dict(upstream["schedule"])
         self.latent_shape = [int(s) for s in upstream["latent_shape"]]
         self.codec.check_latents(self.latent_shape, f"diffusion checkpoint {diffusion_checkpoint}")
@@ -171,38 +172,12 @@ class ClassifierModule(StageModule):
         # Accuracy per timestep bucket of the latest validation / test (NaN: no samples), for the plots.
         self.bucket_accuracy: dict[str, list[float]] = {}
 
-    def _read_diffusion(self, path: str, num_classes: int) -> dict[str, Any]:
-        ckpt = load_stage_checkpoint(
-            path, "diffusion", ("schedule", "latent_shape", "autoencoder_fingerprint")
-        )
-        theirs = ckpt["autoencoder_fingerprint"]
-        if theirs != self.autoencoder_fingerprint:
-            raise StageMismatchError(
-                f"autoencoder {self.hparams.autoencoder_checkpoint} (weights {self.autoencoder_fingerprint[:12]}) "
-                f"is not the one diffusion checkpoint {path} was trained on (weights {theirs[:12]}): "
-                f"retrain the diffusion stage or point stage.module.autoencoder_checkpoint at its autoencoder"
-            )
-        if "num_classes" in ckpt and int(ckpt["num_classes"]) != num_classes:
-            raise StageMismatchError(
-                f"data has {num_classes} classes but diffusion checkpoint {path} was trained on "
-                f"{ckpt['num_classes']}"
-            )
-        return {"schedule": ckpt["schedule"], "latent_shape": ckpt["latent_shape"]}
-
     # --- what the next stage needs -----------------------------------------------------------------
     def artifacts(self) -> dict[str, Any]:
-        return {
-            "classifier_hparams": self.net.hparams(),
-            "classifier_state_dict": {k: v.detach().cpu() for k, v in self.eval_net.state_dict().items()},
-            "classifier_is_ema": self.ema is not None,
-            "schedule": self.schedule.to_dict(),
-            "latent_shape": list(self.latent_shape),
-            "autoencoder_fingerprint": self.autoencoder_fingerprint,
-            "autoencoder_checkpoint": str(self.hparams.autoencoder_checkpoint),
-            "diffusion_checkpoint": str(self.hparams.diffusion_checkpoint),
-            "latent_scale_factor": self.codec.scale_factor,
-            "num_classes": int(self.hparams.num_classes),
-        }
+        return classifier_artifacts(self.eval_net, self.ema is not None, self.schedule, self.latent_shape,
+                                    self.hparams.autoencoder_checkpoint, self.autoencoder_fingerprint,
+                                    self.hparams.diffusion_checkpoint, self.codec.scale_factor,
+                                    self.hparams.num_classes)  # fmt: skip
 
     @property
     def eval_net(self) -> NoisyLatentClassifier:

@@ -20,7 +20,7 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
-from lightning_modules.artifacts import conditioner_spec
+from lightning_modules.artifacts import diffusion_artifacts
 from lightning_modules.base import StageModule, build_optimizer, warmup_cosine
 from lightning_modules.codec import LatentCodec
 from lightning_modules.diffusion import (
@@ -266,19 +266,6 @@ class DiffusionModule(StageModule):
             )
 
     def artifacts(self) -> dict[str, Any]:
-        spec = conditioner_spec(self.conditioner, self.conditioner.hparams())
-        if self.conditioner_ema is not None:
-            shadow = self.conditioner_ema.shadow.state_dict()
-            spec["state_dict"] = {k: shadow[k].detach().cpu() for k in spec["state_dict"]}
-        return {
-            "unet_hparams": self.ema.shadow.hparams(),
-            "unet_state_dict": {k: v.detach().cpu() for k, v in self.ema.shadow.state_dict().items()},
-            "conditioner": spec,
-            "schedule": self.schedule.to_dict(),
-            "prediction_type": self.hparams.prediction_type,
-            "latent_shape": list(self.latent_shape),
-            "autoencoder_checkpoint": self.autoencoder_checkpoint,
-            "autoencoder_fingerprint": self.autoencoder_fingerprint,
-            "latent_scale_factor": float(self.codec.scale_factor),
-            "num_classes": int(self.hparams.num_classes),
-        }
+        return diffusion_artifacts(self.ema.shadow, self.conditioner, self.ema_conditioner(), self.schedule,
+                                   self.hparams.prediction_type, self.latent_shape, self.autoencoder_checkpoint,
+                                   self.autoencoder_fingerprint, self.codec.scale_factor, self.hparams.num_classes)  # fmt: skip

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 
+from lightning_modules.artifacts import feature_net_artifacts
 from lightning_modules.base import StageModule, build_optimizer, warmup_cosine
 from lightning_modules.nets.feature_net import FeatureNet
 from lightning_modules.nets.perceptual import autocast_off
@@ -63,11 +64,7 @@ class FeatureNetModule(StageModule):
         self.val_loss = torchmetrics.MeanMetric()
 
     def artifacts(self) -> dict[str, Any]:
-        return {
-            "feature_net_hparams": self.net.hparams(),
-            "feature_net_state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
-            "feature_net_role": self.hparams.role,
-        }
+        return feature_net_artifacts(self.net, self.hparams.role)
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x

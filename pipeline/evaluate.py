@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.dist import dist_env
 from datamodules.shards import manifest_hash
-from eval.checks import check_data_compatible, check_eval_feature_net
+from eval.checks import check_data_compatible
 from eval.features import reference_statistics
 from eval.generator import SampleGenerator
 from eval.job import SweepJob
@@ -26,7 +26,7 @@ from eval.scoring import Scorer, real_image_batches
 from eval.settings import expand_settings, select_setting
 from eval.sweep_report import collect_rows, format_table, write_sweep_report
 from eval.wandb_log import log_to_wandb
-from lightning_modules.artifacts import load_classifier, load_diffusion
+from lightning_modules.artifacts import check_eval_feature_net, load_classifier, load_diffusion
 from pipeline.common import save_config, scrub_secrets
 
 

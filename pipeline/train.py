@@ -21,6 +21,7 @@ from pipeline.builders import (
     upstream_dirs,
 )
 from pipeline.common import read_done, save_config, write_done
+from pipeline.placeholders import substitute_missing_upstream
 from pipeline.preemption import Preempted, requeue_job
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict:
     """Train one stage into `cfg.stage.dir`, resuming if it was interrupted, skipping if it is done."""
     stage_dir = Path(cfg.stage.dir)
+    placeholders = substitute_missing_upstream(cfg)  # debug=fdr only: random-init stand-ins for missing upstreams
     chash = stage_hash(cfg)
     done = read_done(stage_dir)
     if done and done.get("config_hash") == chash and not cfg.force:
@@ -59,7 +61,7 @@ def train(cfg: DictConfig) -> dict:
         atomic_write_json(stage_dir / "metrics.json", metrics)
         upstream = {name: (read_done(path) or {}).get("config_hash") for name, path in upstream_dirs(cfg).items()}
         write_done(stage_dir, chash, stage=cfg.stage.name, global_step=trainer.global_step, metrics=metrics,
-                   upstream=upstream)  # fmt: skip
+                   upstream=upstream, **({"fdr_placeholders": sorted(placeholders)} if placeholders else {}))  # fmt: skip
         print(f"[train] {cfg.stage.dir_name}: done -> {stage_dir}\n{json.dumps(metrics, indent=1)}")
     return {"config_hash": chash, "metrics": metrics}
 

@@ -1,7 +1,9 @@
-"""Tiny stage checkpoints written directly per the contract in `lightning_modules/artifacts.py`.
+"""Tiny stage checkpoints built with the stages' own writers (`lightning_modules/artifacts.py`).
 
 For tests of later stages that must not wait for (or spend CPU time on) training the earlier ones:
-random weights, the exact top-level keys the loaders read, 32x32 grey images, 4x8x8 latents.
+random-weight tiny nets saved by `save_artifact` with the artifact dicts the stage modules' `artifacts()`
+produce (`feature_net_artifacts`, `autoencoder_artifacts`, `diffusion_artifacts`, `classifier_artifacts`);
+32x32 grey images, 4x8x8 latents.
 """
 
 from __future__ import annotations
@@ -11,7 +13,15 @@ from typing import Any
 
 import torch
 
-from lightning_modules.artifacts import conditioner_spec, state_fingerprint
+from lightning_modules.artifacts import (
+    autoencoder_artifacts,
+    classifier_artifacts,
+    diffusion_artifacts,
+    feature_net_artifacts,
+    save_artifact,
+    state_fingerprint,
+)
+from lightning_modules.diffusion.schedules import NoiseSchedule
 from lightning_modules.nets.autoencoder import AutoencoderKL
 from lightning_modules.nets.classifier import NoisyLatentClassifier
 from lightning_modules.nets.conditioners import ClassConditioner
@@ -38,21 +48,12 @@ CLASSIFIER_HPARAMS = {"in_channels": 4, "num_classes": NUM_CLASSES, "latent_size
                       "num_head_channels": 16}  # fmt: skip
 
 
-def _save(path: Path, ckpt: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, path)
-    return path
-
-
 def write_autoencoder(path: Path, seed: int = 0, scale_factor: float = 0.5) -> tuple[Path, str]:
     """-> (path, weights fingerprint)."""
     torch.manual_seed(seed)
     ae = AutoencoderKL(**AE_HPARAMS)
-    state = {k: v.detach().clone() for k, v in ae.state_dict().items()}
-    _save(path, {"stage": "autoencoder", "autoencoder_hparams": ae.hparams(), "autoencoder_state_dict": state,
-                 "latent_scale_factor": scale_factor, "latent_shape": LATENT_SHAPE,
-                 "image_shape": IMAGE_SHAPE})  # fmt: skip
-    return path, state_fingerprint(state)
+    art = autoencoder_artifacts(ae, scale_factor, IMAGE_SHAPE, LATENT_SHAPE)
+    return save_artifact(path, "autoencoder", art), state_fingerprint(art["autoencoder_state_dict"])
 
 
 def write_diffusion(
@@ -67,20 +68,15 @@ def write_diffusion(
     torch.manual_seed(seed)
     unet = UNet(**UNET_HPARAMS)
     cond = ClassConditioner(num_classes=num_classes, embed_dim=UNET_HPARAMS["context_dim"])
-    return _save(path, {
-        "stage": "diffusion", "unet_hparams": unet.hparams(), "unet_state_dict": unet.state_dict(),
-        "conditioner": conditioner_spec(cond, {"num_classes": num_classes, "embed_dim": cond.context_dim}),
-        "schedule": dict(schedule or TINY_SCHEDULE), "prediction_type": "eps",
-        "latent_shape": list(latent_shape or LATENT_SHAPE), "autoencoder_checkpoint": str(autoencoder_path),
-        "autoencoder_fingerprint": fingerprint, "latent_scale_factor": 0.5, "num_classes": num_classes,
-    })  # fmt: skip
+    art = diffusion_artifacts(unet, cond, None, NoiseSchedule.from_dict(schedule or TINY_SCHEDULE), "eps",
+                              latent_shape or LATENT_SHAPE, autoencoder_path, fingerprint, 0.5, num_classes)  # fmt: skip
+    return save_artifact(path, "diffusion", art)
 
 
 def write_feature_net(path: Path, seed: int = 0, role: str = "eval") -> Path:
     torch.manual_seed(seed)
     net = FeatureNet(in_channels=1, num_classes=NUM_CLASSES, widths=(8, 16))
-    return _save(path, {"stage": "feature_net", "feature_net_hparams": net.hparams(),
-                        "feature_net_state_dict": net.state_dict(), "feature_net_role": role})  # fmt: skip
+    return save_artifact(path, "feature_net", feature_net_artifacts(net, role))
 
 
 def write_classifier(
@@ -88,10 +84,9 @@ def write_classifier(
 ) -> Path:
     torch.manual_seed(seed)
     clf = NoisyLatentClassifier(**CLASSIFIER_HPARAMS)
-    return _save(path, {"stage": "classifier", "classifier_hparams": clf.hparams(),
-                        "classifier_state_dict": clf.state_dict(), "schedule": dict(schedule or TINY_SCHEDULE),
-                        "latent_shape": LATENT_SHAPE, "autoencoder_fingerprint": fingerprint,
-                        "num_classes": NUM_CLASSES})  # fmt: skip
+    art = classifier_artifacts(clf, False, NoiseSchedule.from_dict(schedule or TINY_SCHEDULE), LATENT_SHAPE,
+                               "", fingerprint, "", 0.5, NUM_CLASSES)  # fmt: skip
+    return save_artifact(path, "classifier", art)
 
 
 def write_upstream_run(run_dir: Path) -> dict[str, Any]:

@@ -3,12 +3,12 @@
 Both follow LPIPS (Zhang et al. 2018, eq. 1): d(x, x0) = sum_l mean_hw || w_l * (u_l(x) - u_l(x0)) ||^2,
 u_l the layer-l feature map unit-normalised along channels. The domain variant has no learned heads
 (w_l = 1). Both networks are frozen: they stay in eval mode and their parameters never need gradients,
-while gradients still flow to the inputs. Nothing is ever downloaded: weights come from files.
+while gradients still flow to the inputs. Nothing is ever downloaded: weights come from files. The domain
+net is passed in built (`lightning_modules.artifacts.load_feature_net` reads the feature_net stage's file).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -175,26 +175,3 @@ class LPIPSVGG(_Frozen):
         pairs = zip(self._features(x), self._features(y), strict=True)
         return sum(layer_distance(a, b, head) for (a, b), head in zip(pairs, self.heads, strict=True))
 
-
-def load_feature_net(checkpoint_path: str | os.PathLike) -> FeatureNet:
-    """Rebuild the feature_net stage's `FeatureNet` from `{"feature_net_hparams", "feature_net_state_dict"}`.
-
-    The file is a checkpoint this pipeline wrote (Lightning keys besides ours), hence a full unpickle:
-    Lightning checkpoints may hold pickled hyper-parameters that `weights_only=True` rejects.
-    """
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"feature net checkpoint {path} does not exist; run the feature_net stage first"
-        )
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    required = ("feature_net_hparams", "feature_net_state_dict")
-    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise KeyError(
-            f"{path} lacks {missing}: it is not a final checkpoint of the feature_net stage "
-            f"(which stores {list(required)} beside Lightning's keys)"
-        )
-    net = FeatureNet(**ckpt["feature_net_hparams"])
-    net.load_state_dict(ckpt["feature_net_state_dict"])
-    return net.eval()

@@ -45,7 +45,7 @@ def test_fast_dev_run_writes_the_contract_and_reloads_bit_exactly(tiny_data, tmp
     stats = json.loads((stage / "latent_stats.json").read_text())
 
     path = stage / "checkpoints" / "final.ckpt"
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert ckpt["stage"] == "autoencoder" and ckpt["latent_shape"] == [4, 8, 8] and ckpt["image_shape"] == [1, 32, 32]
     assert ckpt["latent_scale_factor"] == stats["scale_factor"] > 0
     assert not [k for k in ckpt["state_dict"] if k.startswith(("loss.perceptual.", "rfid_net."))]
@@ -74,7 +74,7 @@ def test_ddp_cpu_past_disc_start_with_one_scale_factor(tiny_data, tmp_path, perc
     assert len(stats["per_rank_scale_factor"]) == 2
     assert stats["per_rank_scale_factor"][0] == stats["per_rank_scale_factor"][1] == stats["scale_factor"]
     assert stats["num_images"] == 256  # each rank encoded its own shards of the 256 training images
-    ckpt = torch.load(stage / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(stage / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["latent_scale_factor"] == stats["scale_factor"]
 
 

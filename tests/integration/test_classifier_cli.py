@@ -57,7 +57,7 @@ def test_fast_dev_run_exports_a_loadable_classifier(run):
     assert (stage / "DONE").exists() and final.exists()
     for png in ("accuracy_vs_t.png", "test_accuracy_vs_t.png"):
         assert (stage / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    ckpt = torch.load(final, map_location="cpu", weights_only=False)
+    ckpt = torch.load(final, map_location="cpu", weights_only=True)
     assert ckpt["stage"] == "classifier"
     assert not [k for k in ckpt["state_dict"] if "autoencoder" in k]  # the frozen autoencoder is not saved
     bundle = load_diffusion(run["diffusion"])
@@ -98,7 +98,7 @@ def test_ddp_cpu_two_processes(run):
         c.startswith("train/acc_bucket") for c in columns
     )
     # EMA on: the exported weights are the EMA copy, which after 6 steps differs from the trained net.
-    ckpt = torch.load(stage / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(stage / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True)
     ema = {
         k.removeprefix("ema.shadow."): v for k, v in ckpt["state_dict"].items() if k.startswith("ema.shadow.")
     }

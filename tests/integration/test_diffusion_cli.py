@@ -37,7 +37,7 @@ def train_diffusion(tiny_data: Path, runs: Path, name: str, *extra: str, timeout
 
 
 def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def check_bundle_samples(ckpt_path: Path, condition) -> None:

@@ -22,7 +22,7 @@ def test_feature_net_fast_dev_run(tiny_data, tmp_path):
     stage = tmp_path / STAGE_DIR
     assert (stage / "checkpoints" / "final.ckpt").exists() and (stage / "DONE").exists()
     assert (stage / "config.yaml").exists()
-    ckpt = torch.load(stage / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(stage / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["stage"] == "feature_net" and "feature_net_state_dict" in ckpt
     # a second run with the same config is skipped
     again = run_cli("pipeline.train", "stage=feature_net", "debug=fdr", *tiny_overrides(tiny_data, tmp_path))
@@ -49,7 +49,7 @@ def test_killed_run_resumes_from_last_ckpt(tiny_data, tmp_path):
     assert last.exists(), "no checkpoint was written"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    step_at_kill = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    step_at_kill = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert 0 < step_at_kill < 400
     assert not (tmp_path / STAGE_DIR / "DONE").exists()
     out = run_cli("pipeline.train", *args)
@@ -74,3 +74,36 @@ def test_wandb_offline_run_holds_metrics(tiny_data, tmp_path):
     for key in (b"train/loss", b"val/acc", b"test/acc", b"feature_net_eval"):
         assert key in blob, key
     assert b"WANDB_API_KEY" not in blob
+
+
+def test_fdr_stages_run_without_their_upstream_stages(tiny_data, tmp_path):
+    """debug=fdr smoke-tests a stage on its own: a missing upstream artifact is replaced by a random-init one
+    built from the config (the real writers), named on stdout, and the upstream stage is never marked done."""
+    from lightning_modules.artifacts import load_autoencoder, load_diffusion
+
+    run = tmp_path / "default" / "fashion_mnist"
+    out = run_cli("pipeline.train", "stage=diffusion", "debug=fdr", *tiny_overrides(tiny_data, tmp_path))
+    placeholder = run / "diffusion" / "fdr_placeholders" / "autoencoder" / "checkpoints" / "final.ckpt"
+    assert f"debug=fdr: upstream autoencoder has no {run / 'autoencoder' / 'checkpoints' / 'final.ckpt'}" in out.stdout
+    assert f"randomly initialised autoencoder built from its config instead: {placeholder}" in out.stdout
+    ae, _, fingerprint = load_autoencoder(placeholder)
+    assert ae.hparams()["ch"] == 16  # conf/model/autoencoder/kl_f4.yaml
+    diffusion_final = run / "diffusion" / "checkpoints" / "final.ckpt"
+    assert load_diffusion(diffusion_final).autoencoder_fingerprint == fingerprint
+    assert json.loads((run / "diffusion" / "DONE").read_text())["fdr_placeholders"] == ["autoencoder"]
+    assert not (run / "autoencoder").exists()
+
+    # classifier: the autoencoder is missing, so the diffusion model (trained on another one) is replaced too
+    out = run_cli("pipeline.train", "stage=classifier", "debug=fdr", *tiny_overrides(tiny_data, tmp_path))
+    assert "debug=fdr: upstream autoencoder has no" in out.stdout
+    assert "debug=fdr: upstream diffusion was trained on the real autoencoder, which is replaced" in out.stdout
+    done = json.loads((run / "classifier" / "DONE").read_text())
+    assert done["fdr_placeholders"] == ["autoencoder", "diffusion"] and done["global_step"] == 1
+    assert torch.load(run / "classifier" / "checkpoints" / "final.ckpt", weights_only=True)["stage"] == "classifier"
+    assert not (run / "autoencoder").exists() and (run / "diffusion" / "DONE").exists()
+
+    # autoencoder: its perceptual net (named by model.perceptual.checkpoint_path too) is a placeholder
+    out = run_cli("pipeline.train", "stage=autoencoder", "debug=fdr", *tiny_overrides(tiny_data, tmp_path))
+    placeholder = run / "autoencoder" / "fdr_placeholders" / "feature_net_perceptual" / "checkpoints" / "final.ckpt"
+    assert f"randomly initialised feature_net_perceptual built from its config instead: {placeholder}" in out.stdout
+    assert (run / "autoencoder" / "DONE").exists() and not (run / "feature_net_perceptual").exists()

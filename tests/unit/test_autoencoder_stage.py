@@ -18,7 +18,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from core.images import to_uint8_nhwc
 from eval.callbacks import ReconstructionFID, ReconstructionGrid
 from eval.metrics import fid_from_features
-from lightning_modules.artifacts import StageMismatchError, load_autoencoder
+from lightning_modules.artifacts import (
+    StageMismatchError,
+    feature_net_artifacts,
+    load_autoencoder,
+    save_artifact,
+)
 from lightning_modules.autoencoder import (
     AutoencoderModule,
     NonFiniteLossError,
@@ -64,9 +69,7 @@ class TinyImages(pl.LightningDataModule):
 def feature_net_ckpt(path: Path, role: str) -> Path:
     torch.manual_seed(1)
     net = FeatureNet(in_channels=1, num_classes=3, widths=(4, 8))
-    torch.save({"stage": "feature_net", "feature_net_hparams": net.hparams(), "feature_net_state_dict":
-                net.state_dict(), "feature_net_role": role}, path)  # fmt: skip
-    return path
+    return save_artifact(path, "feature_net", feature_net_artifacts(net, role))
 
 
 def make_module(disc_start: int = 100, perceptual_ckpt: Path | None = None, **kw) -> AutoencoderModule:
@@ -209,7 +212,7 @@ def test_nan_stops_naming_step_and_term_and_keeps_last_ckpt(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=6, callbacks=[ckpt_cb])
     with pytest.raises(NonFiniteLossError, match=r"step 3.*'kl': nan"):
         trainer.fit(module, datamodule=TinyImages())
-    last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 2
     # The frozen perceptual net is re-loaded from its own file, never stored here (nor any rFID net).
     assert not [k for k in last["state_dict"] if k.startswith(("loss.perceptual.", "rfid_net."))]
@@ -269,7 +272,7 @@ def test_latent_scale_factor_and_bit_exact_reload(tmp_path):
         post_ref, post = ema.encode(x), ae.encode(x)
         assert torch.equal(post.mean, post_ref.mean) and torch.equal(post.logvar, post_ref.logvar)
         assert torch.equal(ae.decode(post.mean), ema.decode(post_ref.mean))
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert ckpt["latent_shape"] == [2, 8, 8] and ckpt["image_shape"] == [1, 16, 16]
 
 

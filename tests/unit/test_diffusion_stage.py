@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from eval.callbacks import SampleGrids, grid_conditions
-from lightning_modules.artifacts import load_diffusion
+from lightning_modules.artifacts import autoencoder_artifacts, load_diffusion, save_artifact
 from lightning_modules.diffusion import DDIMSampler, NoiseSchedule, bucket_centres, timestep_buckets
 from lightning_modules.diffusion_module import (
     DiffusionModule,
@@ -36,11 +36,7 @@ def write_autoencoder_ckpt(path: Path, z_channels: int = 4, scale_factor: float 
     """A tiny f=4 autoencoder checkpoint in the stage contract of `lightning_modules.artifacts`."""
     torch.manual_seed(0)
     ae = AutoencoderKL(in_channels=1, ch=8, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=z_channels)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"stage": "autoencoder", "autoencoder_hparams": ae.hparams(), "autoencoder_state_dict": ae.state_dict(),
-                "latent_scale_factor": scale_factor, "latent_shape": [z_channels, 8, 8], "image_shape": [1, 32, 32]},
-               path)  # fmt: skip
-    return path
+    return save_artifact(path, "autoencoder", autoencoder_artifacts(ae, scale_factor, [1, 32, 32], [z_channels, 8, 8]))
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +233,7 @@ def test_ema_follows_optimizer_steps_and_checkpoint_restores_it_exactly(ae_ckpt,
     assert not torch.equal(ema[name], init[name]) and not torch.equal(ema[name], live[name])
     path = tmp_path / "last.ckpt"
     restored = make_module(ae_ckpt)
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     restored.on_load_checkpoint(ckpt)
     restored.load_state_dict(ckpt["state_dict"], strict=False)
     assert ckpt["global_step"] == 3 and int(restored.ema.num_updates) == 3  # saved after the step's EMA update
@@ -341,9 +337,7 @@ def test_imagenet_experiment_module_instantiates(tmp_path):
     # under stage=diffusion, model.autoencoder holds only the experiment's sizes (no _target_)
     ae = AutoencoderKL(in_channels=3, **OmegaConf.to_container(cfg.model.autoencoder))
     ckpt = Path(cfg.stage.module.autoencoder_checkpoint)
-    ckpt.parent.mkdir(parents=True)
-    torch.save({"stage": "autoencoder", "autoencoder_hparams": ae.hparams(), "autoencoder_state_dict": ae.state_dict(),
-                "latent_scale_factor": 0.2, "latent_shape": [3, 64, 64], "image_shape": [3, 256, 256]}, ckpt)  # fmt: skip
+    save_artifact(ckpt, "autoencoder", autoencoder_artifacts(ae, 0.2, [3, 256, 256], [3, 64, 64]))
     del ae
     module = instantiate(cfg.stage.module)
     assert module.latent_shape == (3, 64, 64) and module.unet.context_dim == 512
@@ -387,7 +381,7 @@ def test_latent_cache_holds_the_posterior_and_is_reused(tiny_data, ae_ckpt, tmp_
     assert [p.stat().st_mtime_ns for p in first] == mtimes
     other = write_autoencoder_ckpt(tmp_path / "other" / "final.ckpt", scale_factor=0.7)
     with torch.no_grad():  # same architecture, different weights
-        ck = torch.load(other, weights_only=False)
+        ck = torch.load(other, weights_only=True)
         ck["autoencoder_state_dict"] = {k: v + 0.01 for k, v in ck["autoencoder_state_dict"].items()}
         torch.save(ck, other)
     again = ensure_latent_cache(tmp_path / "latents", dm, other, progress=False)

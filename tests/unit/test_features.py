@@ -13,6 +13,7 @@ from torch import nn
 from core.images import to_float_nchw
 from eval import features
 from eval.features import DomainFeatures, FeatureExtractor, InceptionFeatures
+from lightning_modules.artifacts import StageMismatchError, UnsafeCheckpointError, feature_net_artifacts
 from lightning_modules.nets.feature_net import FeatureNet
 
 
@@ -23,9 +24,8 @@ def feature_net() -> FeatureNet:
 
 
 def _save_checkpoint(net: FeatureNet, path: Path, **extra) -> Path:
-    torch.save(
-        {"feature_net_hparams": net.hparams(), "feature_net_state_dict": net.state_dict(), **extra}, path
-    )
+    """As the feature_net stage writes it (its writer), plus `extra` top-level keys."""
+    torch.save({"stage": "feature_net", **feature_net_artifacts(net, "eval"), **extra}, path)
     return path
 
 
@@ -34,10 +34,8 @@ def _images(n: int = 6, size: int = 12, channels: int = 1, seed: int = 0) -> np.
 
 
 def test_domain_features_round_trip(feature_net, tmp_path):
-    # A Lightning-style checkpoint also carries objects the safe unpickler refuses.
-    ckpt = _save_checkpoint(
-        feature_net, tmp_path / "final.ckpt", hyper_parameters=argparse.Namespace(lr=1e-3)
-    )
+    # A Lightning checkpoint of ours: plain hyper-parameters beside the artifact, loaded weights-only.
+    ckpt = _save_checkpoint(feature_net, tmp_path / "final.ckpt", hyper_parameters={"lr": 1e-3}, epoch=2)
     extractor = DomainFeatures(str(ckpt))
     assert (extractor.feature_dim, extractor.num_classes) == (16, 10)
 
@@ -62,9 +60,18 @@ def test_domain_features_errors_name_the_file(feature_net, tmp_path):
         DomainFeatures(str(missing))
     bad = tmp_path / "autoencoder.ckpt"
     torch.save({"state_dict": feature_net.state_dict()}, bad)
-    with pytest.raises(KeyError, match="autoencoder.ckpt") as err:
+    with pytest.raises(StageMismatchError, match="autoencoder.ckpt .*expected stage 'feature_net'"):
         DomainFeatures(str(bad))
-    assert "feature_net_hparams" in str(err.value)
+    old = _save_checkpoint(feature_net, tmp_path / "old.ckpt")
+    ckpt = torch.load(old, weights_only=True)
+    del ckpt["feature_net_hparams"]
+    torch.save(ckpt, old)
+    with pytest.raises(StageMismatchError, match=r"old.ckpt .*lacks \['feature_net_hparams'\]"):
+        DomainFeatures(str(old))
+    # A checkpoint holding objects the safe unpickler refuses is not loaded with the full one.
+    unsafe = _save_checkpoint(feature_net, tmp_path / "unsafe.ckpt", hyper_parameters=argparse.Namespace(lr=1e-3))
+    with pytest.raises(UnsafeCheckpointError, match="unsafe.ckpt .*weights_only=True"):
+        DomainFeatures(str(unsafe))
 
 
 def test_fingerprint_tracks_weights(feature_net, tmp_path):

@@ -1,4 +1,5 @@
-"""Perceptual distances: DomainPerceptual, LPIPSVGG (real file loading, no downloads), load_feature_net."""
+"""Perceptual distances: DomainPerceptual, LPIPSVGG (real file loading, no downloads). The feature net's
+loader is lightning_modules.artifacts.load_feature_net (tests/unit/test_artifacts.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 import torchvision
 
 from lightning_modules.nets.feature_net import FeatureNet
-from lightning_modules.nets.perceptual import LPIPSVGG, DomainPerceptual, load_feature_net
+from lightning_modules.nets.perceptual import LPIPSVGG, DomainPerceptual
 
 # LPIPS (richzhang/PerceptualSimilarity, lpips/pretrained_networks.py + lpips.py), written out here
 # independently of the module under test: VGG16 conv indices per tap (relu1_2 ... relu5_3), a max-pool
@@ -73,33 +74,6 @@ def test_domain_float32_under_bf16_autocast(domain):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         d = domain(images(5), images(6))
     assert d.dtype == torch.float32 and torch.isfinite(d).all()
-
-
-# ---- load_feature_net -------------------------------------------------------------------------------
-
-
-def test_load_feature_net_roundtrip(tmp_path):
-    torch.manual_seed(0)
-    net = FeatureNet(in_channels=1, num_classes=3, widths=(4, 8)).eval()  # BatchNorm: running statistics
-    path = tmp_path / "final.ckpt"
-    ckpt = {"state_dict": {}, "epoch": 2}
-    ckpt |= {"feature_net_hparams": net.hparams(), "feature_net_state_dict": net.state_dict()}
-    torch.save(ckpt, path)
-    loaded = load_feature_net(str(path))
-    assert loaded.hparams() == net.hparams() and not loaded.training
-    x = images(7)
-    for a, b in zip(loaded.feature_maps(x), net.feature_maps(x)):
-        torch.testing.assert_close(a, b)
-
-
-def test_load_feature_net_errors(tmp_path):
-    path = tmp_path / "lightning_only.ckpt"
-    torch.save({"state_dict": {}}, path)
-    with pytest.raises(KeyError, match="lightning_only.ckpt") as err:
-        load_feature_net(str(path))
-    assert "feature_net_hparams" in str(err.value)
-    with pytest.raises(FileNotFoundError, match="absent.ckpt"):
-        load_feature_net(str(tmp_path / "absent.ckpt"))
 
 
 # ---- LPIPSVGG ----------------------------------------------------------------------------------------

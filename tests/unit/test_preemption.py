@@ -41,7 +41,7 @@ def test_signal_stops_at_the_next_check_with_a_checkpoint_and_restores_the_handl
     # flagged during step 5 (global_step 5 -> 6); the next check is at global_step 8
     assert trainer.global_step == 8 and stop.value.step == 8
     assert stop.value.checkpoint == tmp_path / "hpc_ckpt_1.ckpt"
-    assert torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"] == 8
+    assert torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 8
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
@@ -65,7 +65,7 @@ def test_ddp_signal_on_one_rank_stops_both_at_the_same_step(tmp_path, capfd):
     with pytest.raises(Exception, match="Preempted: preempted at step 4"):  # re-raised from a spawned worker
         trainer.fit(SignalAt(step=2, ranks=(1,)))
     assert "[preemption] signal 10 at step 4" in capfd.readouterr().out  # printed by rank 0, never signalled
-    ckpt = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4, ckpt["global_step"]
 
 
