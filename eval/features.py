@@ -67,11 +67,12 @@ class DomainFeatures(FeatureExtractor):
     Args:
         checkpoint_path: the feature_net stage's final.ckpt, read (weights only) by
             `lightning_modules.artifacts.load_feature_net`; `check_eval_feature_net` checks its role.
+        role: refuse a net trained for another role (None: any); user: who needs it, for the message.
     """
 
     name = "domain_feature_net"
 
-    def __init__(self, checkpoint_path: str | os.PathLike) -> None:
+    def __init__(self, checkpoint_path: str | os.PathLike, role: str | None = None, user: str = "") -> None:
         super().__init__()
         path = Path(checkpoint_path)
         if not path.is_file():
@@ -79,7 +80,7 @@ class DomainFeatures(FeatureExtractor):
                 f"feature-net checkpoint not found: {path} (train stage feature_net first, or set "
                 f"{WEIGHTS_CONFIG_KEY})"
             )
-        self.net = load_feature_net(path)
+        self.net = load_feature_net(path, role=role, user=user or "this feature extractor")
         self.feature_dim = self.net.feature_dim
         self.num_classes = self.net.num_classes
         self._freeze()

@@ -19,7 +19,7 @@ from core.images import make_grid_png, to_uint8_nhwc
 from eval.callbacks.media import log_wandb_image
 from eval.features import DomainFeatures
 from eval.metrics import fid_from_features
-from lightning_modules.autoencoder import PERCEPTUAL_ROLE, check_feature_net_role
+from lightning_modules.autoencoder import PERCEPTUAL_ROLE
 from lightning_modules.nets.perceptual import autocast_off
 
 SPLITS = ("val", "test")
@@ -80,8 +80,7 @@ class ReconstructionFID(Callback):
         self.checkpoint = checkpoint
         self.features: DomainFeatures | None = None
         if checkpoint:
-            check_feature_net_role(checkpoint, role)
-            self.features = DomainFeatures(checkpoint)
+            self.features = DomainFeatures(checkpoint, role=role, user="the autoencoder's rFID")
         self._parts: dict[str, list[tuple[Tensor, Tensor]]] = {split: [] for split in SPLITS}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
