@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     classifier = load_classifier(args.classifier or args.run_dir / "classifier" / "checkpoints" / "final.ckpt",
                                  diffusion=bundle)  # fmt: skip
     feature_net = load_feature_net(
-        args.feature_net or args.run_dir / "feature_net_eval" / "checkpoints" / "final.ckpt"
+        args.feature_net or args.run_dir / "feature_net_eval" / "checkpoints" / "final.ckpt", role="eval",
+        user="bench/classifier_guidance.py (it scores samples)",
     )
     if feature_net.num_classes != bundle.num_classes:
         raise ValueError(

@@ -30,7 +30,8 @@ from lightning_modules.generation import GuidanceSetting, generate  # noqa: E402
 def accuracy(run_dir: Path, checkpoint: str, per_class: int, scale: float, steps: int, batch: int,
              seed: int) -> tuple[float, int]:  # fmt: skip
     bundle = load_diffusion(run_dir / "diffusion" / "checkpoints" / checkpoint)
-    scorer = load_feature_net(run_dir / "feature_net_eval" / "checkpoints" / "final.ckpt")
+    scorer = load_feature_net(run_dir / "feature_net_eval" / "checkpoints" / "final.ckpt", role="eval",
+                              user="bench/sample_accuracy.py (it scores samples)")  # fmt: skip
     codec = LatentCodec.of(bundle)
     labels = torch.arange(bundle.num_classes).repeat_interleave(per_class)
     correct = 0

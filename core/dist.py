@@ -12,26 +12,47 @@ class DistEnv(NamedTuple):
     local_rank: int
 
 
-def dist_env() -> DistEnv:
-    """(rank, world size, local rank) from torchrun/Lightning (RANK, WORLD_SIZE, LOCAL_RANK) or Slurm
-    (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID); (0, 1, 0) when neither is set.
+def _int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
 
-    Slurm's variables count only inside an srun step: the batch script itself also sees SLURM_NTASKS
-    but is one process (and Lightning starts its own ranks from there). Without RANK, a LOCAL_RANK (a
-    child of Lightning's launcher) gives NODE_RANK * LOCAL_WORLD_SIZE + LOCAL_RANK: rank 0 is always
-    the first process of the first node, the one process that may move or delete a stage's files.
+
+def dist_env() -> DistEnv:
+    """(rank, world size, local rank) of this process, from whichever launcher started it:
+
+    - torchrun / Lightning's own ranks: RANK and WORLD_SIZE (both needed: a rank without a world size
+      would make a sweep skip the batches of the ranks it does not know of).
+    - Lightning's subprocess launcher (`trainer=ddp_cpu`, or DDP inside a one-task Slurm step): its
+      children get LOCAL_RANK, NODE_RANK and WORLD_SIZE, no RANK. Rank = NODE_RANK * LOCAL_WORLD_SIZE +
+      LOCAL_RANK when LOCAL_WORLD_SIZE is known; otherwise the exact rank off node 0 is unknown, and a
+      number >= WORLD_SIZE is returned (only "rank 0 or not" may be relied on then).
+    - srun: SLURM_PROCID and SLURM_NTASKS, only inside an srun step (SLURM_STEP_ID): the batch script
+      itself also sees SLURM_NTASKS but is one process. Slurm's variables lose to Lightning's children
+      when the step has fewer tasks than the DDP world (Lightning started the ranks itself).
+    - A process on a node > 0 (NODE_RANK or GROUP_RANK) before its launcher assigned ranks is not rank 0.
+    - Nothing set: (0, 1, 0).
+
+    Rank 0 is always the first process of the first node: the one process that may move or delete a
+    stage's files.
     """
-    env = os.environ
-    world = int(env.get("WORLD_SIZE") or 1)
-    if env.get("RANK"):
-        return DistEnv(int(env["RANK"]), world, int(env.get("LOCAL_RANK") or 0))
-    if env.get("SLURM_NTASKS") and env.get("SLURM_PROCID") and env.get("SLURM_STEP_ID"):
-        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
-    if env.get("LOCAL_RANK"):
-        # Lightning's subprocess launcher gives its children LOCAL_RANK, NODE_RANK and WORLD_SIZE, no RANK.
-        local, node = int(env["LOCAL_RANK"]), int(env.get("NODE_RANK") or env.get("GROUP_RANK") or 0)
-        per_node = int(env.get("LOCAL_WORLD_SIZE") or 0) or max(1, world // max(1, node + 1))
-        return DistEnv(node * per_node + local, world, local)
+    rank, world, local = _int("RANK"), _int("WORLD_SIZE"), _int("LOCAL_RANK")
+    node = _int("NODE_RANK") or _int("GROUP_RANK") or 0
+    if rank is not None:
+        if world is None:
+            raise ValueError(f"RANK={rank} is set but WORLD_SIZE is not: set both (torchrun does) or neither")
+        return DistEnv(rank, world, local or 0)
+    slurm_tasks = _int("SLURM_NTASKS")
+    in_step = os.environ.get("SLURM_STEP_ID") not in (None, "") and _int("SLURM_PROCID") is not None
+    lightning_child = local is not None and world is not None and world != (slurm_tasks if in_step else None)
+    if in_step and slurm_tasks is not None and not lightning_child:
+        return DistEnv(_int("SLURM_PROCID") or 0, slurm_tasks, _int("SLURM_LOCALID") or 0)
+    if local is not None or node:
+        world = world or 1
+        local = local or 0
+        per_node = _int("LOCAL_WORLD_SIZE")
+        if per_node:
+            return DistEnv(node * per_node + local, world, local)
+        return DistEnv(local if node == 0 else node * world + local, world, local)
     return DistEnv(0, 1, 0)
 
 

@@ -10,6 +10,7 @@ A killed job never leaves a half-written file where a finished one is expected.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import math
@@ -20,12 +21,17 @@ from pathlib import Path
 from typing import IO, Any
 
 TMP_SUFFIX = ".tmp"
+_UMASK: int | None = None
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process umask, read once: reading it means setting it, and a file another thread created in
+    between would get the wrong mode."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -54,9 +60,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
-        # mkstemp makes the file owner-only; outputs get the permissions `open` would give them.
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, mode, **kwargs) as f:
+        with os.fdopen(fd, mode, **kwargs) as f:  # owns (and closes) fd from here on
+            # mkstemp makes the file owner-only; outputs get the permissions `open` would give them.
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -66,6 +72,16 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that killed `atomic_open` writes to `path` left beside it; returns them. Only
+    for a caller that is the sole writer of `path` (another process's write in progress would be lost)."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -105,11 +121,16 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = True)
     return atomic_write_text(path, text + "\n")
 
 
-def read_json(path: str | os.PathLike, default: Any = None) -> Any:
-    """The JSON in `path`, or `default` when the file is missing or not valid JSON."""
+def read_json(path: str | os.PathLike, default: Any = None, strict: bool = False) -> Any:
+    """The JSON in `path`; `default` when the file is missing, and when it is not valid JSON unless
+    `strict` (then ValueError naming the file: for files whose loss must not pass unnoticed)."""
     try:
         return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+    except FileNotFoundError:
+        return default
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        if strict:
+            raise ValueError(f"{path} is not valid JSON ({e}): restore it or delete it to start over") from e
         return default
 
 
@@ -119,6 +140,17 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def plain_container(obj: Any) -> Any:
+    """`obj` with OmegaConf containers, dict subclasses and tuples turned into plain dicts and lists (what
+    `torch.load(weights_only=True)` reads back: hyper-parameters saved in checkpoints)."""
+    obj = to_container(obj)
+    if isinstance(obj, dict):
+        return {k: plain_container(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [plain_container(v) for v in obj]
+    return obj
 
 
 def to_container(cfg: Any) -> Any:

@@ -24,7 +24,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from core.io import atomic_open, atomic_write_json, config_hash, sha256_file
+from core.io import atomic_open, atomic_write_json, config_hash, remove_stale_temps, sha256_file
 from datamodules.sources import ArraySource
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ def write_split(
         chunk = indices[start : start + per_shard]
         # A fixed *integer* mtime: byte-identical re-runs, and plain ustar headers. A float mtime (even 0.0)
         # makes tarfile add a PAX header to every member: twice the bytes and twice the read time.
+        remove_stale_temps(final)  # a killed earlier prepare's half shard (prepare is the only writer)
         with atomic_open(final, "wb") as f, wds.TarWriter(f, mtime=0) as sink:
             for idx in chunk:
                 image, label, meta = source.item(int(idx))

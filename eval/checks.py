@@ -4,10 +4,7 @@ next to every other check of a stage's output.)"""
 
 from __future__ import annotations
 
-from lightning_modules.artifacts import (
-    DiffusionBundle,
-    StageMismatchError,
-)
+from lightning_modules.artifacts import DiffusionBundle, check_classes
 from lightning_modules.codec import LatentCodec
 
 __all__ = ["check_data_compatible"]
@@ -22,8 +19,5 @@ def check_data_compatible(
     where = f"diffusion checkpoint {diffusion.path}"
     codec = LatentCodec.of(diffusion)
     codec.check_latents(diffusion.latent_shape, where, channels, image_size)
-    if diffusion.num_classes != num_classes:
-        raise StageMismatchError(
-            f"{where}: {diffusion.num_classes} classes, the data (data.num_classes) {num_classes}"
-        )
+    check_classes(num_classes, diffusion.path, diffusion.num_classes)
 

@@ -12,8 +12,8 @@ the current samples hash is scored without sampling again; sampling itself is ch
 Distribution (torchrun / srun / Lightning DDP environments, no process group needed): the N samples
 are cut into batches of `batch_size` consecutive indices, batch b is drawn by rank b % world and written
 atomically to `parts/`; rank 0 waits for every part, merges them into samples.npz and scores. Sample i
-is drawn from its own generator seeded with `sample_seed + i`, so the result depends neither on the
-batch size nor on the number of ranks.
+is drawn from its own generator seeded with `sample_seed + i`, so its noise depends neither on the
+batch size nor on the number of ranks (its decoded pixels only up to float rounding: one uint8 level).
 
 Scale conventions: see `lightning_modules.generation` and docs/ARCHITECTURE.md.
 """

@@ -1,9 +1,9 @@
 """The settings of a guidance sweep, and how its samples are labelled, seeded and batched.
 
 A sweep is a list of `GuidanceSetting`s (`expand_settings`; the class lives with the generation function,
-`lightning_modules.generation`). Sample i has label i mod K and its own seed `sample_seed + i`, so the
-samples depend neither on the batch size nor on the number of ranks; batch b of consecutive indices is
-drawn by rank b % world.
+`lightning_modules.generation`). Sample i has label i mod K and its own seed `sample_seed + i`, so its
+noise depends neither on the batch size nor on the number of ranks (its pixels only up to float rounding,
+one uint8 level at most); batch b of consecutive indices is drawn by rank b % world.
 """
 
 from __future__ import annotations

@@ -15,7 +15,12 @@ from lightning_modules.generation import GUIDANCE_KINDS
 # Identity columns of a metrics.json: kept there (resume, report filtering), left out of the tables.
 HASH_KEYS = ("config_hash", "samples_hash", "sweep_hash")
 
-__all__ = ["HASH_KEYS", "TABLE_COLUMNS", "collect_rows", "format_table", "write_sweep_report"]
+__all__ = ["HASH_KEYS", "TABLE_COLUMNS", "collect_rows", "format_table", "table_rows", "write_sweep_report"]
+
+
+def table_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows without their hash columns (those stay in each metrics.json): what tables, plots and W&B show."""
+    return [{k: v for k, v in row.items() if k not in HASH_KEYS} for row in rows]
 
 
 def _sort_key(row: Mapping[str, Any]) -> tuple:
@@ -76,7 +81,7 @@ def write_sweep_report(
     "x_key"}. Hash columns are kept out of the tables (they stay in each metrics.json).
     """
     out_dir = Path(out_dir)
-    table = [{k: v for k, v in row.items() if k not in HASH_KEYS} for row in rows]
+    table = table_rows(rows)
     csv_path, json_path = write_results(table, out_dir)
     x_key, group_key = _axes(table)
     plots = plot_sweep(table, x_key, out_dir / "plots", group_key=group_key) if table else {}

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from eval.report import best_row
-from eval.sweep_report import HASH_KEYS
+from eval.sweep_report import table_rows
 
 __all__ = ["log_to_wandb"]
 
@@ -34,10 +34,10 @@ def log_to_wandb(
                      job_type="evaluate", name=name, tags=list(tags), config=dict(config or {}),
                      mode="offline" if offline else "online")  # fmt: skip
     try:
-        table_rows = [{k: v for k, v in row.items() if k not in HASH_KEYS} for row in rows]
-        columns = list(dict.fromkeys(k for row in table_rows for k in row))
+        shown = table_rows(rows)
+        columns = list(dict.fromkeys(k for row in shown for k in row))
         table = wandb.Table(
-            columns=columns, data=[[_wandb_cell(row.get(c)) for c in columns] for row in table_rows]
+            columns=columns, data=[[_wandb_cell(row.get(c)) for c in columns] for row in shown]
         )
         logs: dict[str, Any] = {"eval/results": table}
         x_key = outputs.get("x_key", "cfg_scale")
@@ -51,7 +51,7 @@ def log_to_wandb(
             f"eval/grids/{k}": wandb.Image(str(p), caption=k) for k, p in outputs.get("grids", {}).items()
         }
         run.log(logs)
-        best = best_row(table_rows, "fid")
+        best = best_row(shown, "fid")
         if best is not None:
             run.summary.update({f"best/{k}": v for k, v in best.items() if isinstance(v, int | float | str)})
         return str(run.dir)

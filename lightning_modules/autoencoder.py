@@ -260,9 +260,8 @@ class AutoencoderModule(StageModule):
         perceptual = getattr(self.loss.perceptual, "net", None)
         check_data_fits(self.autoencoder, self.discriminator, int(channels), int(size),
                         {"model.perceptual": perceptual} if isinstance(perceptual, FeatureNet) else None)  # fmt: skip
-        f = self.autoencoder.downsample_factor
         self.image_shape = [int(channels), int(size), int(size)]
-        self.latent_shape = [self.autoencoder.z_channels, int(size) // f, int(size) // f]
+        self.latent_shape = self.autoencoder.latent_shape(int(size))
 
     def configure_optimizers(self):
         opt_g = build_optimizer(

@@ -8,6 +8,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from core.io import plain_container
+
 
 class StageModule(pl.LightningModule):
     """Base class of the stage modules.
@@ -37,19 +39,6 @@ class StageModule(pl.LightningModule):
         if counter is not None:
             self.log("data/skipped_samples", float(counter.value), reduce_fx="sum", sync_dist=True,
                      on_step=False, on_epoch=True)  # fmt: skip
-
-
-def plain_container(obj: Any) -> Any:
-    """`obj` with OmegaConf containers, dict subclasses and tuples turned into plain dicts and lists."""
-    if type(obj).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
-        obj = OmegaConf.to_container(obj, resolve=True)
-    if isinstance(obj, dict):
-        return {k: plain_container(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain_container(v) for v in obj]
-    return obj
 
 
 def build_optimizer(

@@ -69,8 +69,7 @@ class LatentCodec:
         encode them: wrong input channels, or a size its downsampling does not divide)."""
         ae = self.autoencoder
         ae.validate_input_shape(ae.in_channels, image_size, image_size)
-        f = ae.downsample_factor
-        return (ae.z_channels, image_size // f, image_size // f)
+        return tuple(ae.latent_shape(image_size))
 
     def decoded_shape(self, latent_shape: tuple[int, ...] | list[int]) -> tuple[int, int, int]:
         """(C, H, W) of the images decoded from latents of `latent_shape` (C, h, w)."""

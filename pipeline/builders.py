@@ -82,7 +82,7 @@ def stage_hash(cfg: DictConfig) -> str:
     dataset.pop("datamodule", None)
     upstream = {name: (read_done(path) or {}).get("config_hash") for name, path in upstream_dirs(cfg).items()}
     manifest = Path(cfg.data.dir) / "manifest.json"
-    content = (read_json(manifest) or {}).get("content_hash")
+    content = (read_json(manifest, strict=True) or {}).get("content_hash")
     return config_hash(
         {"stage": data["stage"], "model": data.get("model"), "data": dataset, "trainer": trainer,
          "seed": data.get("seed"), "upstream": upstream, "dataset_content": content}  # fmt: skip
@@ -182,7 +182,7 @@ def supersede_stale(stage_dir: Path, chash: str) -> None:
     marker = stage_dir / "STARTED"
     if env_rank() != 0:
         return
-    previous = (read_json(marker) or {}).get("config_hash")
+    previous = (read_json(marker, strict=True) or {}).get("config_hash")
     if previous and previous != chash:
         ckpts = stage_dir / "checkpoints"
         if ckpts.exists():

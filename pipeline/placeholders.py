@@ -97,15 +97,15 @@ def write_placeholder(name: str, ucfg: DictConfig, path: Path, cfg: DictConfig) 
                                                                         str(ucfg.stage.role)))  # fmt: skip
     if name == "autoencoder":
         ae = instantiate(ucfg.stage.module.autoencoder)
-        c, s, f = int(ucfg.data.channels), int(ucfg.data.image_size), ae.downsample_factor
-        art = autoencoder_artifacts(ae, 1.0, [c, s, s], [ae.z_channels, s // f, s // f])
+        c, s = int(ucfg.data.channels), int(ucfg.data.image_size)
+        art = autoencoder_artifacts(ae, 1.0, [c, s, s], ae.latent_shape(s))
         return save_artifact(path, "autoencoder", art)
     if name == "diffusion":
         # The stage module itself, on the autoencoder this stage uses (real or placeholder): its artifacts()
         # are what the diffusion stage writes into final.ckpt.
         with open_dict(ucfg):
             ucfg.stage.upstream.autoencoder = cfg.stage.upstream.autoencoder
-        module = instantiate(ucfg.stage.module, samples_dir=None)
+        module = instantiate(ucfg.stage.module)
         return save_artifact(path, "diffusion", module.artifacts())
     raise ValueError(f"no placeholder for upstream {name!r}")
 

@@ -276,6 +276,11 @@ class AutoencoderKL(nn.Module):
     def downsample_factor(self) -> int:
         return 2 ** (len(self._hparams["ch_mult"]) - 1)
 
+    def latent_shape(self, image_size: int) -> list[int]:
+        """[z_channels, h, w] of the latents of square images of `image_size` (h = w = image_size / f)."""
+        f = self.downsample_factor
+        return [self.z_channels, int(image_size) // f, int(image_size) // f]
+
     @property
     def last_layer(self) -> nn.Parameter:
         """Weight of the decoder's final conv: the layer the adaptive GAN weight differentiates against."""

@@ -13,7 +13,6 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from core.dist import dist_env
 from eval.generator import SampleGenerator
 from eval.job import SweepJob
 from eval.samples import load_samples
@@ -122,30 +121,6 @@ def test_seeds_and_rank_split_cover_every_index_once():
     for world in (1, 2, 3):
         owned = [i for rank in range(world) for r in batch_ranges(23, 4)[rank::world] for i in r]
         assert sorted(owned) == list(range(23))
-
-
-def test_dist_env(monkeypatch):
-    for var in (
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "SLURM_PROCID",
-        "SLURM_NTASKS",
-        "SLURM_STEP_ID",
-        "SLURM_LOCALID",
-    ):
-        monkeypatch.delenv(var, raising=False)
-    assert dist_env() == (0, 1, 0)
-    monkeypatch.setenv("SLURM_NTASKS", "4")
-    monkeypatch.setenv("SLURM_PROCID", "0")
-    assert dist_env() == (0, 1, 0)  # the batch script itself, not an srun step
-    monkeypatch.setenv("SLURM_STEP_ID", "0")
-    monkeypatch.setenv("SLURM_PROCID", "3")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
-    assert dist_env() == (3, 4, 1)
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert dist_env() == (1, 2, 0)
 
 
 def test_reference_images_are_the_whole_split_on_any_rank(tiny_data, monkeypatch):
