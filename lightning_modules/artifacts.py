@@ -254,8 +254,8 @@ def check_classes(num_classes: int, path: str | os.PathLike, found: int) -> None
     """Refuse a diffusion model trained on another number of classes than the data's (data.num_classes)."""
     if int(found) != int(num_classes):
         raise StageMismatchError(
-            f"data has {num_classes} classes (data.num_classes) but diffusion checkpoint {path} was trained "
-            f"on {found}"
+            f"data has {num_classes} classes but diffusion checkpoint {path} was trained on {found} "
+            "(data.num_classes must be the diffusion model's)"
         )
 
 
