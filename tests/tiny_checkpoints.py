@@ -97,3 +97,18 @@ def write_upstream_run(run_dir: Path) -> dict[str, Any]:
     fn_path = write_feature_net(run_dir / "feature_net_eval" / "checkpoints" / "final.ckpt")
     return {"autoencoder": ae_path, "diffusion": diff_path, "feature_net_eval": fn_path,
             "fingerprint": fingerprint}  # fmt: skip
+
+
+def conditioned_bundle(run_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """`load_diffusion` of a tiny upstream run in `run_dir`, its U-Net's zero-initialised output conv given
+    small seeded weights so that the condition (and so guidance) changes the samples; and the run's paths."""
+    from lightning_modules.artifacts import load_diffusion
+
+    paths = write_upstream_run(run_dir)
+    bundle = load_diffusion(paths["diffusion"])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in bundle.unet.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return bundle, paths

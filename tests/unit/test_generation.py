@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.artifacts import StageMismatchError, load_classifier, load_diffusion
+from lightning_modules.artifacts import StageMismatchError, load_classifier
 from lightning_modules.codec import LatentCodec
 from lightning_modules.diffusion import DDIMSampler, DDPMSampler, sample
 from lightning_modules.generation import GuidanceSetting, generate
@@ -19,13 +19,7 @@ from tests import tiny_checkpoints as tiny
 def tiny_run(tmp_path_factory):
     """A tiny diffusion bundle (output conv given weights, so the condition matters) and a classifier."""
     run = tmp_path_factory.mktemp("run")
-    paths = tiny.write_upstream_run(run)
-    bundle = load_diffusion(paths["diffusion"])
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # the U-Net's output conv is zero-initialised
-        for p in bundle.unet.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    bundle, paths = tiny.conditioned_bundle(run)
     clf_path = tiny.write_classifier(run / "classifier" / "final.ckpt", paths["fingerprint"])
     return bundle, load_classifier(clf_path, diffusion=bundle)
 

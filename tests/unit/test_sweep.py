@@ -26,7 +26,7 @@ from eval.settings import (
 )
 from eval.sweep_report import collect_rows
 from lightning_modules import generation
-from lightning_modules.artifacts import StageMismatchError, load_diffusion
+from lightning_modules.artifacts import StageMismatchError
 from lightning_modules.diffusion import DDIMSampler, DDPMSampler, sample
 from lightning_modules.generation import GuidanceSetting
 from pipeline.evaluate import sweep_settings
@@ -154,17 +154,7 @@ class FakeScorer:
 
 @pytest.fixture(scope="module")
 def tiny_diffusion(tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    paths = tiny.write_upstream_run(run)
-    bundle = load_diffusion(paths["diffusion"])
-    gen = torch.Generator().manual_seed(0)
-    with (
-        torch.no_grad()
-    ):  # the U-Net's output conv is zero-initialised: give it weights so the condition matters
-        for p in bundle.unet.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return bundle
+    return tiny.conditioned_bundle(tmp_path_factory.mktemp("run"))[0]
 
 
 def _job(out_dir, generator, batch_size, n=8, settings=None, rank=0, world=1, scorer=None, **kw) -> SweepJob:
