@@ -84,9 +84,7 @@ def safe_load(path: str | os.PathLike) -> Any:
             f"{path} cannot be loaded with torch.load(weights_only=True) ({reason}): it holds pickled objects "
             "besides tensors and plain containers, and loading those would execute code from the file, so it "
             "is refused. Checkpoints written by this pipeline's stages hold none; re-create this one by "
-            "re-running the stage that wrote it (`python -m pipeline.train stage=<name> force=true`), or, only "
-            "if you trust its origin, re-save its plain contents with `torch.save(...)` after loading it "
-            "yourself with weights_only=False."
+            "re-running the stage that wrote it (`python -m pipeline.train stage=<name> force=true`)."
         ) from err
 
 
