@@ -12,6 +12,7 @@ import io
 import logging
 import multiprocessing as mp
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,10 +40,47 @@ def raise_naming_shard(exn: Exception) -> bool:
     raise ShardReadError(f"cannot read shard {url or '?'}: {exn!r}") from exn
 
 
+def _local_path(url: str) -> str | None:
+    """The file a shard URL names, or None for a remote one (`pipe:`, `http(s)://`, `s3://`, ...)."""
+    if url.startswith("file:"):
+        return url.removeprefix("file:").removeprefix("//")
+    return None if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", url) else url
+
+
+def check_url_override(data_dir: str | Path, manifest: dict, split: str, pattern: str) -> list[str]:
+    """The URLs of the override `data.urls.<split>` (a brace pattern or `pipe:` command), checked against the
+    manifest: as many shards as the split has; a local file must exist, carry the name of one of the split's
+    shards and its recorded size. Remote URLs can only be counted; errors name the key, never a remote URL
+    (it may carry credentials)."""
+    where, key = Path(data_dir) / "manifest.json", f"data.urls.{split}"
+    if split not in manifest["splits"]:
+        raise ValueError(f"{key}: {where} has no split {split!r} (splits: {sorted(manifest['splits'])}); "
+                         "fix the key or remove it")  # fmt: skip
+    shards = manifest["splits"][split]["shards"]
+    urls = list(wds.shardlists.expand_urls(pattern))
+    if len(urls) != len(shards):
+        raise ValueError(f"{key} names {len(urls)} shard(s) but split {split!r} of {where} has {len(shards)}: "
+                         "point it at a copy of exactly those shards")  # fmt: skip
+    by_name = {s["name"]: s for s in shards}
+    for url in urls:
+        if (path := _local_path(url)) is None:
+            continue
+        if (shard := by_name.get(Path(path).name)) is None:
+            raise ValueError(f"{key}: {path} is not a shard of split {split!r} in {where} (its shards are "
+                             f"{shards[0]['name']} ... {shards[-1]['name']}); point it at a copy of those shards")  # fmt: skip
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{key}: shard {path} does not exist; fix the pattern or copy the shards there")
+        if "bytes" in shard and (size := os.path.getsize(path)) != shard["bytes"]:
+            raise ShardReadError(f"{key}: shard {path} is {size} bytes but {where} records {shard['bytes']} for "
+                                 f"{shard['name']}: not a copy of that shard")  # fmt: skip
+    return urls
+
+
 def urls_for(data_dir: str | Path, manifest: dict, split: str, override: str | None = None) -> list[str]:
-    """Shard URLs of a split: local files from the manifest, or an override (brace pattern, `pipe:`)."""
+    """Shard URLs of a split: local files from the manifest, or an override (brace pattern, `pipe:`) checked
+    by `check_url_override`."""
     if override:
-        return list(wds.shardlists.expand_urls(override))
+        return check_url_override(data_dir, manifest, split, override)
     if split not in manifest["splits"]:
         raise KeyError(f"split {split!r} not in the manifest of {data_dir} (has {list(manifest['splits'])})")
     shards = manifest["splits"][split]["shards"]
@@ -158,6 +196,8 @@ class WebDataModule(pl.LightningDataModule):
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.train_batches_per_epoch = train_batches_per_epoch
         self.urls = dict(urls or {})
+        for split, pattern in self.urls.items():  # a bad override fails here, before a stage touches its files
+            check_url_override(self.data_dir, self.manifest, split, pattern)
         self.seed = seed
         self.skipped = mp.Value("l", 0)
         self.decoder = SampleDecoder(image_size, channels, resize, counter=self.skipped)

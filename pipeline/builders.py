@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytorch_lightning as pl
 import torch
@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
 from core.dist import env_rank
-from core.io import atomic_open, atomic_write_json, config_hash, read_json
+from core.io import atomic_open, atomic_write_json, config_hash, fsync_dir, read_json
 from pipeline.common import read_done, scrub_secrets
 from pipeline.preemption import SlurmRequeue
 
@@ -27,7 +27,7 @@ from pipeline.preemption import SlurmRequeue
 # invalidate a finished stage (a stage trained on 8 GPUs is not redone on 1).
 VOLATILE_TRAINER_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "enable_progress_bar",
                          "default_root_dir", "log_every_n_steps", "plugins")  # fmt: skip
-VOLATILE_DATA_KEYS = ("num_workers", "urls")
+VOLATILE_DATA_KEYS = ("num_workers",)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -75,11 +75,19 @@ class TrainTime(Callback):
 
 
 def stage_hash(cfg: DictConfig) -> str:
-    """Hash of everything that determines a stage's result, including its upstream stages' hashes."""
+    """Hash of everything that determines a stage's result, including its upstream stages' hashes.
+
+    `data.urls` (shards read from elsewhere) is part of it when set, with the credentials of each URL
+    left out (`url_identity`); unset, the hash is the one of a config that never had the key.
+    See docs/ARCHITECTURE.md, "DONE markers and config hashes".
+    """
     data = OmegaConf.to_container(cfg, resolve=True)
     trainer = {k: v for k, v in data.get("trainer", {}).items() if k not in VOLATILE_TRAINER_KEYS}
     dataset = {k: v for k, v in data.get("data", {}).items() if k not in VOLATILE_DATA_KEYS}
     dataset.pop("datamodule", None)
+    urls = dataset.pop("urls", None)
+    if urls:
+        dataset["urls"] = {split: url_identity(str(url)) for split, url in urls.items()}
     upstream = {name: (read_done(path) or {}).get("config_hash") for name, path in upstream_dirs(cfg).items()}
     manifest = Path(cfg.data.dir) / "manifest.json"
     content = (read_json(manifest, strict=True) or {}).get("content_hash")
@@ -87,6 +95,16 @@ def stage_hash(cfg: DictConfig) -> str:
         {"stage": data["stage"], "model": data.get("model"), "data": dataset, "trainer": trainer,
          "seed": data.get("seed"), "upstream": upstream, "dataset_content": content}  # fmt: skip
     )
+
+
+def url_identity(url: str) -> str:
+    """What a shard URL says about the data, without its credentials: for `scheme://user:token@host/path?sig=..`
+    the scheme, host and path (a rotated token or signature does not retrain a stage); a local path or a
+    `pipe:` command as written."""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        return url
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def upstream_dirs(cfg: DictConfig) -> dict[str, str]:
@@ -174,24 +192,117 @@ def resume_checkpoint(stage_dir: Path) -> str | None:
     return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
 
 
-def supersede_stale(stage_dir: Path, chash: str) -> None:
-    """Mark the stage as started with `chash`; checkpoints of another config are moved aside, not resumed.
+SUPERSEDED_PREFIX = "checkpoints.superseded-"
+SUPERSEDED_RECORD = "SUPERSEDED.json"  # inside a set-aside folder: its config hash, the stage files it holds
+# Files of the stage folder that belong to its checkpoints' config and travel with them when set aside.
+STAGE_STATE_FILES = ("DONE", "metrics.json", "config.yaml")
 
-    Called on every rank; only rank 0 (by environment) moves files, before the trainer exists.
+
+def superseded_dir(stage_dir: Path, chash: str) -> Path:
+    return stage_dir / f"{SUPERSEDED_PREFIX}{chash[:12]}"
+
+
+def _stage_state_files(stage_dir: Path) -> list[Path]:
+    return [p for p in [*(stage_dir / n for n in STAGE_STATE_FILES), *sorted(stage_dir.glob("hpc_ckpt_*.ckpt"))]
+            if p.is_file()]  # fmt: skip
+
+
+def _checkpoints_owner(stage_dir: Path, started: str | None) -> str | None:
+    """The config hash the stage's checkpoints belong to: the record of an interrupted set-aside or restore
+    in `checkpoints/`, else STARTED, else DONE (a stage finished before STARTED existed)."""
+    record = read_json(stage_dir / "checkpoints" / SUPERSEDED_RECORD, strict=True)
+    if record:
+        return record["config_hash"]
+    return started or (read_done(stage_dir) or {}).get("config_hash")
+
+
+def set_aside(stage_dir: Path, owner: str) -> Path | None:
+    """Move `checkpoints/` with DONE, metrics.json, config.yaml and `hpc_ckpt_*.ckpt` (the state of config
+    `owner`) to `checkpoints.superseded-<owner[:12]>/`; None when there is nothing to move.
+
+    The stage files first go into `checkpoints/` with a record naming them; one rename then sets the whole
+    folder aside, so a job killed midway leaves a state the next run completes. An older folder of the same
+    name is kept, renamed `<name>.<n>` (n = 1, 2, ... in the order they were displaced): nothing is deleted.
     """
-    marker = stage_dir / "STARTED"
+    ckpts = stage_dir / "checkpoints"
+    loose = _stage_state_files(stage_dir)
+    if not ckpts.is_dir() and not loose:
+        return None
+    ckpts.mkdir(exist_ok=True)
+    record = read_json(ckpts / SUPERSEDED_RECORD, strict=True) or {}
+    names = sorted({*record.get("stage_files", []), *(p.name for p in loose)})
+    atomic_write_json(ckpts / SUPERSEDED_RECORD, {"config_hash": owner, "stage_files": names})
+    for p in loose:
+        p.rename(ckpts / p.name)
+    target = superseded_dir(stage_dir, owner)
+    if target.exists():
+        n = next(i for i in range(1, 1 << 20) if not target.with_name(f"{target.name}.{i}").exists())
+        target.rename(target.with_name(f"{target.name}.{n}"))
+    ckpts.rename(target)
+    fsync_dir(stage_dir)
+    return target
+
+
+def _unnest(stage_dir: Path) -> None:
+    """Finish a restore: the stage files listed in `checkpoints/SUPERSEDED.json` back into the stage folder."""
+    ckpts = stage_dir / "checkpoints"
+    record = read_json(ckpts / SUPERSEDED_RECORD, strict=True)
+    if record is None:
+        return
+    for name in record.get("stage_files", []):
+        if (ckpts / name).is_file():
+            (ckpts / name).rename(stage_dir / name)
+    (ckpts / SUPERSEDED_RECORD).unlink()
+    fsync_dir(stage_dir)
+
+
+def restore_superseded(stage_dir: Path, chash: str) -> Path | None:
+    """Bring back the state of config `chash` set aside earlier (checkpoints, DONE, metrics, config.yaml),
+    when the stage folder holds no other state; returns the folder it came from, or None."""
+    source = superseded_dir(stage_dir, chash)
+    if not source.is_dir() or (stage_dir / "checkpoints").exists() or _stage_state_files(stage_dir):
+        return None
+    record = read_json(source / SUPERSEDED_RECORD, strict=True)
+    if record is not None and record.get("config_hash") != chash:
+        return None  # another config whose hash starts with the same 12 characters
+    if record is None:  # set aside before records existed: the checkpoints alone
+        atomic_write_json(source / SUPERSEDED_RECORD, {"config_hash": chash, "stage_files": []})
+    source.rename(stage_dir / "checkpoints")
+    fsync_dir(stage_dir)
+    return source
+
+
+def _requeued_forced_run(started: dict, chash: str) -> bool:
+    """Whether this is a forced run of `chash` requeued by Slurm (same job id, restart count > 0): it resumes
+    what the forced run trained instead of setting it aside again."""
+    job, restarts = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_RESTART_COUNT", "0")
+    return bool(job) and restarts not in ("", "0") and started.get("forced_by") == job and \
+        started.get("config_hash") == chash  # fmt: skip
+
+
+def supersede_stale(stage_dir: Path, chash: str, *, force: bool = False) -> None:
+    """Mark the stage as started with `chash`, after setting aside the state of another config and bringing
+    back this config's own state if it was set aside before (docs/ARCHITECTURE.md, "Resume and skip rules").
+
+    `force`: the stage's current state is set aside even when it belongs to `chash`, and nothing is brought
+    back, so training starts at step 0 (a preempted forced job, requeued under the same Slurm job id,
+    resumes instead). Called on every rank after the config was checked and its objects built; only rank 0
+    (by environment) moves files, before the trainer exists.
+    """
     if env_rank() != 0:
         return
-    previous = (read_json(marker, strict=True) or {}).get("config_hash")
-    if previous and previous != chash:
-        ckpts = stage_dir / "checkpoints"
-        if ckpts.exists():
-            target = stage_dir / f"checkpoints.superseded-{previous[:12]}"
-            shutil.rmtree(target, ignore_errors=True)
-            ckpts.rename(target)
-            print(f"[train] {stage_dir.name}: config changed ({previous[:12]} -> {chash[:12]}); "
-                  f"old checkpoints moved to {target}")  # fmt: skip
-        for p in [stage_dir / "DONE", *stage_dir.glob("hpc_ckpt_*.ckpt")]:
-            p.unlink(missing_ok=True)
-    if previous != chash:
-        atomic_write_json(marker, {"config_hash": chash})
+    marker = stage_dir / "STARTED"
+    started = read_json(marker, strict=True) or {}
+    owner = _checkpoints_owner(stage_dir, started.get("config_hash"))
+    requeued = force and _requeued_forced_run(started, chash)
+    if owner is not None and (owner != chash or (force and not requeued)):
+        moved = set_aside(stage_dir, owner)
+        if moved is not None:
+            why = "force=true" if owner == chash else f"config changed ({owner[:12]} -> {chash[:12]})"
+            print(f"[train] {stage_dir.name}: {why}; its checkpoints, DONE and metrics moved to {moved}", flush=True)
+    if not force and owner != chash and (source := restore_superseded(stage_dir, chash)) is not None:
+        print(f"[train] {stage_dir.name}: checkpoints of this config ({chash[:12]}) restored from {source}", flush=True)
+    _unnest(stage_dir)
+    if started.get("config_hash") != chash or (force and not requeued):
+        job = os.environ.get("SLURM_JOB_ID") if force else None
+        atomic_write_json(marker, {"config_hash": chash, **({"forced_by": job} if job else {})})

@@ -35,6 +35,12 @@ def read_done(stage_dir: str | os.PathLike) -> dict | None:
     return done if isinstance(done, dict) else None
 
 
+def finished(stage_dir: str | os.PathLike, config_hash_: str) -> dict | None:
+    """The DONE marker of a stage directory when it was written for config `config_hash_`, else None."""
+    done = read_done(stage_dir)
+    return done if done is not None and done.get("config_hash") == config_hash_ else None
+
+
 def write_done(stage_dir: str | os.PathLike, config_hash_: str, **extra: Any) -> Path:
     return atomic_write_json(Path(stage_dir) / "DONE", {"config_hash": config_hash_, **extra})
 

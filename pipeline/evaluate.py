@@ -28,6 +28,7 @@ from eval.sweep_report import collect_rows, format_table, write_sweep_report
 from eval.wandb_log import log_to_wandb
 from lightning_modules.artifacts import check_eval_feature_net, load_classifier, load_diffusion
 from pipeline.common import save_config, scrub_secrets
+from pipeline.config_checks import EVALUATE_RULES, check_config
 
 
 def sweep_settings(g: DictConfig) -> list:
@@ -109,6 +110,7 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     """Run (or with report_only, merge) the sweep; rank 0 writes results + report.md and returns the rows."""
     start = time.time()
     sweep_dir = Path(cfg.sweep_dir)
+    check_config(cfg, EVALUATE_RULES, where=str(sweep_dir))
     rank, world, local_rank = dist_env()
     sweep_hash = None
     if not cfg.report_only:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from core.io import atomic_write_json
@@ -20,26 +19,42 @@ from pipeline.builders import (
     supersede_stale,
     upstream_dirs,
 )
-from pipeline.common import read_done, save_config, write_done
+from pipeline.common import finished, read_done, save_config, write_done
+from pipeline.config_checks import TRAIN_RULES, build_or_explain, check_config, check_trainer
 from pipeline.placeholders import substitute_missing_upstream
 from pipeline.preemption import Preempted, requeue_job
 
 log = logging.getLogger(__name__)
 
 
+def done_already(cfg: DictConfig, stage_dir: Path, chash: str) -> dict | None:
+    """The stage's DONE marker when it was written for `chash` and `force` is off (said on stdout), else None."""
+    done = None if cfg.force else finished(stage_dir, chash)
+    if done:
+        print(f"[train] {cfg.stage.dir_name}: done with this config ({chash[:12]}), skipping: {stage_dir}")
+    return done
+
+
 def train(cfg: DictConfig) -> dict:
-    """Train one stage into `cfg.stage.dir`, resuming if it was interrupted, skipping if it is done."""
+    """Train one stage into `cfg.stage.dir`, resuming if it was interrupted, skipping if it is done.
+
+    Validate first, then touch (docs/ARCHITECTURE.md, "Resume and skip rules"): the config's values are
+    checked, the datamodule, the module and the trainer are built, and only then are the files of another
+    config (or, with `force=true`, of this one) set aside and this config's own earlier state brought back.
+    """
     stage_dir = Path(cfg.stage.dir)
+    check_config(cfg, TRAIN_RULES, where=str(stage_dir))
     placeholders = substitute_missing_upstream(cfg)  # debug=fdr only: random-init stand-ins for missing upstreams
     chash = stage_hash(cfg)
-    done = read_done(stage_dir)
-    if done and done.get("config_hash") == chash and not cfg.force:
-        print(f"[train] {cfg.stage.dir_name}: done with this config ({chash[:12]}), skipping: {stage_dir}")
+    if done := done_already(cfg, stage_dir, chash):
         return done
-    supersede_stale(stage_dir, chash)
     pl.seed_everything(cfg.stage.seed, workers=True)
-    datamodule = instantiate(cfg.data.datamodule)
-    module = instantiate(cfg.stage.module)
+    datamodule = build_or_explain(cfg.data.datamodule, "data.datamodule", str(stage_dir))
+    module = build_or_explain(cfg.stage.module, "stage.module", str(stage_dir))
+    check_trainer(cfg, str(stage_dir))
+    supersede_stale(stage_dir, chash, force=cfg.force)
+    if done := done_already(cfg, stage_dir, chash):
+        return done
     trainer = build_trainer(cfg, stage_dir, chash)
     if trainer.is_global_zero:
         save_config(cfg, stage_dir / "config.yaml")

@@ -106,9 +106,10 @@ def test_resume_restores_ema_exactly(tiny_data, runs):
         assert key in blob, key
     last = load(stage / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 6 and int(last["state_dict"]["ema.num_updates"]) == 6
-    # Run again: it resumes from last.ckpt (already at max_steps, so no step is taken) and writes
-    # final.ckpt from the restored state; a fresh EMA would differ from the saved one.
-    out = train_diffusion(tiny_data, runs, "diffusion_resume", *args, "force=true")
+    # Run again as if killed after the last checkpoint, before DONE: it resumes from last.ckpt (already at
+    # max_steps, so no step is taken) and writes final.ckpt from the restored state; a fresh EMA would differ.
+    (stage / "DONE").unlink()
+    out = train_diffusion(tiny_data, runs, "diffusion_resume", *args)
     assert "resuming from" in out.stdout
     final = load(stage / "checkpoints" / "final.ckpt")
     ema_keys = [k for k in last["state_dict"] if k.startswith(("ema.", "conditioner_ema."))]
