@@ -183,6 +183,9 @@ def _quiet_lightning() -> Iterator[None]:
 def check_trainer(cfg: DictConfig, where: str) -> None:
     """Build `cfg.trainer` once without loggers, callbacks or checkpointing (no file is written), so that a
     bad trainer override fails before the stage's files are touched."""
+    from pipeline.builders import quiet_intended_warnings
+
+    quiet_intended_warnings()
     with _quiet_lightning():
         build_or_explain(cfg.trainer, "trainer", where, lambda node: instantiate(
             node, logger=False, callbacks=[], enable_checkpointing=False, enable_progress_bar=False,

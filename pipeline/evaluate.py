@@ -28,7 +28,7 @@ from eval.sweep_report import collect_rows, format_table, write_sweep_report
 from eval.wandb_log import log_to_wandb
 from lightning_modules.artifacts import check_eval_feature_net, load_classifier, load_diffusion
 from pipeline.common import save_config, scrub_secrets
-from pipeline.config_checks import EVALUATE_RULES, check_config
+from pipeline.config_checks import EVALUATE_RULES, ConfigError, check_config
 
 
 def sweep_settings(g: DictConfig) -> list:
@@ -140,7 +140,10 @@ def evaluate(cfg: DictConfig) -> list[dict]:
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    try:
+        evaluate(cfg)
+    except ConfigError as e:  # the user's mistake, said without a traceback; nothing was touched
+        raise SystemExit(f"[evaluate] {e}") from None
 
 
 if __name__ == "__main__":

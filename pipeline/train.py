@@ -20,7 +20,7 @@ from pipeline.builders import (
     upstream_dirs,
 )
 from pipeline.common import finished, read_done, save_config, write_done
-from pipeline.config_checks import TRAIN_RULES, build_or_explain, check_config, check_trainer
+from pipeline.config_checks import TRAIN_RULES, ConfigError, build_or_explain, check_config, check_trainer
 from pipeline.placeholders import substitute_missing_upstream
 from pipeline.preemption import Preempted, requeue_job
 
@@ -83,7 +83,10 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    try:
+        train(cfg)
+    except ConfigError as e:  # the user's mistake, said without a traceback; nothing was touched
+        raise SystemExit(f"[train] {e}") from None
 
 
 if __name__ == "__main__":
