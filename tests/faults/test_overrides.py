@@ -150,3 +150,13 @@ def test_every_shipped_config_passes_the_rules():
             for guidance in ("cfg", "classifier", "both"):
                 ov = [f"guidance={guidance}", *extra]
                 assert violations(compose("evaluate", overrides=ov), EVALUATE_RULES) == [], ov
+
+
+def test_bad_evaluate_override_is_refused_before_anything_loads(tiny_data, tmp_path):
+    """The sweep checks its keys first: no checkpoint is needed to be told that a value is wrong."""
+    proc = run_cli("pipeline.evaluate", *tiny_overrides(tiny_data, tmp_path), "num_samples=0", "batch_size=-4",
+                   check=False)  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "num_samples=0: expected an integer > 0" in output and "batch_size=-4: expected an integer > 0" in output
+    assert "Traceback" not in output, output[-3000:]
