@@ -91,7 +91,7 @@ def check_unique_settings(settings: Sequence[Any]) -> list[Any]:
     """Refuse a sweep in which two settings would write the same folder `<sweep_dir>/<setting.name>/`.
 
     Two tasks of a Slurm array (or two passes of one local sweep) sharing a folder delete each other's
-    sampling parts and wait for them until the gather timeout (docs/ARCHITECTURE.md, "Contracts between stages", evaluate).
+    sampling parts and wait for them until the gather timeout (docs/ARCHITECTURE.md, "Guidance scales").
     Duplicates are refused rather than merged so that the array size, `sweep_index` and the config the
     user typed always agree. Works on any settings with a `name` (and `as_row()` for the message), so
     sweeps over other axes (sampler, steps) are checked the same way. Returns `list(settings)`.

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
 from tests import tiny_checkpoints as tiny
 from tests.conftest import REPO, run_cli, tiny_overrides
@@ -106,7 +107,11 @@ def test_submit_chain_checks_every_sweep_before_the_first_sbatch(tmp_path, monke
     cfg = OmegaConf.create({"launcher": launcher})
     steps = [Step("diffusion", "pipeline.train", "train", ["stage=diffusion"], True),
              Step("evaluate", "pipeline.evaluate", "evaluate", [], False, ["guidance.scales=[2,2]"])]  # fmt: skip
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        with pytest.raises(ValueError, match=r"duplicated sweep setting: cfg_s2 .* 2 times"):
-            slurm_chain.submit_chain(steps, cfg, lambda step: (False, "not run yet"))
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            with pytest.raises(ValueError, match=r"duplicated sweep setting: cfg_s2 .* 2 times"):
+                slurm_chain.submit_chain(steps, cfg, lambda step: (False, "not run yet"))
+    finally:
+        GlobalHydra.instance().clear()
     assert submitted == []
