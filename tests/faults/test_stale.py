@@ -67,6 +67,13 @@ def test_duplicated_scale_is_refused_before_anything_is_written(tiny_data, runs)
     assert not (runs / RUN / "eval" / "dup").exists() or not any((runs / RUN / "eval" / "dup").rglob("*.npz"))
 
 
+def test_duplicated_scale_is_refused_by_pipeline_run_before_any_stage_runs(tiny_data, runs):
+    proc = run_cli("pipeline.run", "stages=[evaluate]", "guidance.scales=[3,1,3]", *SMALL,
+                   *tiny_overrides(tiny_data, runs), check=False)  # fmt: skip
+    assert proc.returncode != 0 and "duplicated sweep setting: cfg_s3" in proc.stderr, proc.stdout[-2000:]
+    assert ": running" not in proc.stdout  # refused while planning, not by the evaluate step
+
+
 def _fake_sbatch(tmp_path: Path) -> tuple[dict[str, str], Path]:
     """A PATH whose `sbatch` only records its command line (and answers a job id): nothing is submitted."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "sbatch_calls"
