@@ -11,15 +11,16 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from core.images import Images, to_float_nchw, to_uint8_nchw
-from core.io import atomic_open
+from core.io import atomic_open, config_hash
 from eval.metrics import feature_statistics
 from lightning_modules.artifacts import load_feature_net
 
@@ -186,38 +187,75 @@ def extract_features(
     return {key: np.concatenate(chunks) for key, chunks in outputs.items()}
 
 
-def reference_cache_path(
-    cache_dir: str | os.PathLike, manifest_hash: str, extractor: FeatureExtractor
-) -> Path:
-    """`<cache_dir>/ref_<manifest_hash[:12]>_<fingerprint[:12]>.npz`: new data or new weights, new file."""
-    if not manifest_hash:
-        raise ValueError("manifest_hash must be a non-empty string")
-    return Path(cache_dir) / f"ref_{manifest_hash[:12]}_{extractor.fingerprint()[:12]}.npz"
+# Bump when the way reference statistics are computed changes (e.g. what is stored, the covariance).
+REFERENCE_FORMAT = 2
+
+
+def reference_key(datamodule: Any, split: str) -> dict[str, Any]:
+    """Everything about the real images that changes their feature statistics (the extractor's weights
+    are added by `reference_cache_path`): the split, its content (the sha256 of each of its shards in
+    the manifest, or, for a `data.urls` override, a hash of the URL pattern, never the URL itself, which
+    may carry credentials), the number of images, and the decoding (image size, channels, pad/resize).
+
+    datamodule: a `datamodules.webdata.WebDataModule` (its manifest, `urls`, `decoder`).
+    """
+    manifest = datamodule.manifest
+    if split not in manifest["splits"]:
+        raise KeyError(f"reference.split={split!r} is not a split of {datamodule.data_dir} "
+                       f"(has {list(manifest['splits'])})")  # fmt: skip
+    entry = manifest["splits"][split]
+    override = (getattr(datamodule, "urls", None) or {}).get(split)
+    decoder = datamodule.decoder
+    return {
+        "format": REFERENCE_FORMAT,
+        "split": split,
+        "content": {"urls_sha256": hashlib.sha256(str(override).encode()).hexdigest()} if override
+        else {"shards_sha256": [shard["sha256"] for shard in entry["shards"]]},
+        "num_images": int(entry["num_samples"]),
+        "preprocessing": {"image_size": int(decoder.image_size), "channels": int(decoder.channels),
+                          "resize": str(decoder.resize)},
+    }  # fmt: skip
+
+
+def reference_cache_path(cache_dir: str | os.PathLike, key: Mapping[str, Any], extractor: FeatureExtractor) -> Path:
+    """`<cache_dir>/ref_<split>_<sha256(key + extractor fingerprint)[:16]>.npz`: another split, other data,
+    another image count or preprocessing, or other weights, another file (`reference_key`)."""
+    if not key or "split" not in key:
+        raise ValueError(f"a reference key needs at least the split (see eval.features.reference_key), got {key!r}")
+    return Path(cache_dir) / f"ref_{key['split']}_{_full_key_hash(key, extractor)[:16]}.npz"
+
+
+def _full_key_hash(key: Mapping[str, Any], extractor: FeatureExtractor) -> str:
+    return config_hash({"real": dict(key), "extractor": extractor.name, "weights": extractor.fingerprint()})
 
 
 def reference_statistics(
     extractor: FeatureExtractor,
     images: Images | Iterable[Images],
     cache_dir: str | os.PathLike,
-    manifest_hash: str,
+    key: Mapping[str, Any],
     batch_size: int = 256,
     progress: bool = False,
 ) -> dict:
-    """Feature statistics of the real (test-split) images, computed once and cached.
+    """Feature statistics of the real (reference-split) images, computed once and cached per `key`.
 
     images: uint8 (N, H, W, C) or an iterable of such batches; only consumed on a cache miss, so a lazy
-    iterable costs nothing when the cache is warm. Returns {"mu": (D,), "sigma": (D, D) float64,
-    "pooled": (N, D) float32 (for precision/recall, KID), "n": int}.
+    iterable costs nothing when the cache is warm. key: `reference_key(datamodule, split)` (what the
+    images are); the file also stores the full key's hash and is only reused when it matches.
+    Returns {"mu": (D,), "sigma": (D, D) float64, "pooled": (N, D) float32 (for precision/recall, KID),
+    "n": int, "key": the hash of key + extractor (part of the scorer's fingerprint)}.
     """
-    path = reference_cache_path(cache_dir, manifest_hash, extractor)
+    path = reference_cache_path(cache_dir, key, extractor)
+    full = _full_key_hash(key, extractor)
     if path.is_file():
         with np.load(path) as cached:
-            stats = {key: cached[key] for key in cached.files}
-        stats["n"] = int(stats["n"])
-        return stats
+            stats = {name: cached[name] for name in cached.files}
+        if str(stats.get("key", "")) == full:
+            stats["n"], stats["key"] = int(stats["n"]), full
+            return stats
     pooled = extract_features(extractor, images, batch_size=batch_size, progress=progress)["pooled"]
     mu, sigma = feature_statistics(pooled)
-    stats = {"mu": mu, "sigma": sigma, "pooled": pooled, "n": len(pooled)}
+    stats = {"mu": mu, "sigma": sigma, "pooled": pooled, "n": len(pooled), "key": full}
     with atomic_open(path, "wb") as f:
-        np.savez(f, **stats)
+        np.savez(f, **{**stats, "key": np.array(full)})
     return stats

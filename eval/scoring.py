@@ -48,6 +48,7 @@ class Scorer:
         if self._fingerprint is None:
             self._fingerprint = {
                 "extractor": self.extractor.fingerprint(), "manifest": self.manifest_hash,
+                "reference": self.reference.get("key"),  # split, data, count, preprocessing (reference_key)
                 "reference_n": int(self.reference["n"]), "is_splits": self.is_splits, "pr_k": self.pr_k,
                 "kid": self.kid, "kid_subset_size": self.kid_subset_size,
             }  # fmt: skip

@@ -21,6 +21,7 @@ PAIRINGS = ("grid", "paired")
 __all__ = [
     "PAIRINGS",
     "batch_ranges",
+    "check_unique_settings",
     "class_balanced_labels",
     "expand_settings",
     "sample_seeds",
@@ -65,10 +66,13 @@ def expand_settings(
         raise ValueError(f"guidance.pairing must be one of {list(PAIRINGS)}, got {pairing!r}")
     extra = {"rescale_phi": float(rescale_phi), "negative": negative}
     if kind == "cfg":
-        return [GuidanceSetting("cfg", cfg_scale=s, **extra) for s in _number_list("guidance.scales", scales)]
+        cfg = [GuidanceSetting("cfg", cfg_scale=s, **extra) for s in _number_list("guidance.scales", scales)]
+        return check_unique_settings(cfg)
     if kind == "classifier":
         cls = _number_list("guidance.classifier_scales", classifier_scales)
-        return [GuidanceSetting("classifier", cls_scale=c, rescale_phi=0.0, negative=None) for c in cls]
+        return check_unique_settings(
+            [GuidanceSetting("classifier", cls_scale=c, rescale_phi=0.0, negative=None) for c in cls]
+        )
     cfg_scales = _number_list("guidance.scales", scales)
     cls_scales = _number_list("guidance.classifier_scales", classifier_scales)
     if pairing == "paired":
@@ -80,7 +84,39 @@ def expand_settings(
         pairs = list(zip(cfg_scales, cls_scales))
     else:
         pairs = [(s, c) for c in cls_scales for s in cfg_scales]
-    return [GuidanceSetting("both", cfg_scale=s, cls_scale=c, **extra) for s, c in pairs]
+    return check_unique_settings([GuidanceSetting("both", cfg_scale=s, cls_scale=c, **extra) for s, c in pairs])
+
+
+def check_unique_settings(settings: Sequence[Any]) -> list[Any]:
+    """Refuse a sweep in which two settings would write the same folder `<sweep_dir>/<setting.name>/`.
+
+    Two tasks of a Slurm array (or two passes of one local sweep) sharing a folder delete each other's
+    sampling parts and wait for them until the gather timeout (docs/ARCHITECTURE.md, "Guidance scales").
+    Duplicates are refused rather than merged so that the array size, `sweep_index` and the config the
+    user typed always agree. Works on any settings with a `name` (and `as_row()` for the message), so
+    sweeps over other axes (sampler, steps) are checked the same way. Returns `list(settings)`.
+    """
+    settings = list(settings)
+    where: dict[str, list[int]] = {}
+    for i, setting in enumerate(settings):
+        where.setdefault(setting.name, []).append(i)
+    clashes = {name: idx for name, idx in where.items() if len(idx) > 1}
+    if clashes:
+        dups = "; ".join(
+            f"{name} ({_describe(settings[idx[0]])}) {len(idx)} times, at positions {idx}"
+            for name, idx in clashes.items()
+        )
+        raise ValueError(
+            f"duplicated sweep setting: {dups} of the {len(settings)} settings. Two tasks would write the "
+            "same folder <sweep_dir>/<setting>/ and delete each other's samples: remove the repeated value "
+            "from guidance.scales / guidance.classifier_scales (or whichever sweep list repeats it)."
+        )
+    return settings
+
+
+def _describe(setting: Any) -> str:
+    row = setting.as_row() if hasattr(setting, "as_row") else {"setting": setting.name}
+    return ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("setting", "guidance") and v is not None)
 
 
 def select_setting(settings: Sequence[GuidanceSetting], index: int) -> GuidanceSetting:

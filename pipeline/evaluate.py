@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from core.dist import dist_env
 from datamodules.shards import manifest_hash
 from eval.checks import check_data_compatible
-from eval.features import reference_statistics
+from eval.features import reference_key, reference_statistics
 from eval.generator import SampleGenerator
 from eval.job import SweepJob
 from eval.metrics import check_sample_count
@@ -75,12 +75,14 @@ def build_job(cfg: DictConfig, rank: int, world: int, local_rank: int) -> SweepJ
 
 
 def build_scorer(cfg: DictConfig, extractor, datamodule, num_classes: int, world: int, device: str) -> Scorer:
-    """The scorer with the real split's reference statistics (computed once, cached by manifest + weights)."""
+    """The scorer with the real split's reference statistics (computed once, cached by everything that
+    changes them: `eval.features.reference_key` and the extractor's weights)."""
     data_hash = manifest_hash(datamodule.manifest)
     real = real_image_batches(datamodule, cfg.reference.split, world)
     m = cfg.metrics
+    key = reference_key(datamodule, cfg.reference.split)
     reference = reference_statistics(
-        extractor, real, cfg.reference.cache_dir, data_hash, m.feature_batch_size, progress=cfg.progress
+        extractor, real, cfg.reference.cache_dir, key, m.feature_batch_size, progress=cfg.progress
     )
     return Scorer(
         extractor, reference, data_hash, num_classes, is_splits=m.is_splits, pr_k=m.pr_k, kid=m.kid,

@@ -136,8 +136,19 @@ def run_local(steps: list[Step], log_dir: Path) -> list[tuple[str, str, float]]:
     return summary
 
 
+def check_sweeps(steps: list[Step]) -> None:
+    """Compose every evaluation step's sweep now, so a bad one (e.g. a duplicated scale,
+    `eval.settings.check_unique_settings`) is refused before any stage runs or any job is submitted."""
+    from pipeline.slurm_chain import sweep_size
+
+    for step in steps:
+        if step.entry == "pipeline.evaluate":
+            sweep_size(step)
+
+
 def run(cfg: DictConfig, argv: list[str]) -> None:
     steps = plan(cfg, argv)
+    check_sweeps(steps)
     print(f"[run] {cfg.experiment_name}/{cfg.run_name} -> {cfg.paths.run_dir}: {[s.name for s in steps]}", flush=True)
     if cfg.launcher.name == "slurm":
         from pipeline.slurm_chain import submit_chain

@@ -88,6 +88,8 @@ def submit_chain(steps: list, cfg: DictConfig, status: Callable) -> list[str]:
     launcher = cfg.launcher
     log_dir = Path(launcher.log_dir).resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
+    # Every sweep composed and checked (duplicated settings refused) before the first sbatch.
+    sizes = {s.name: sweep_size(s) for s in steps if s.entry == "pipeline.evaluate"}
     ids: list[str] = []
     rerun_upstream = False
     for step in steps:
@@ -97,7 +99,7 @@ def submit_chain(steps: list, cfg: DictConfig, status: Callable) -> list[str]:
             continue
         rerun_upstream = True
         if step.entry == "pipeline.evaluate" and launcher.get("eval_array", True):
-            n = sweep_size(step)
+            n = sizes[step.name]
             array = submit(eval_array_argv(step, launcher, log_dir, ids[-1:], n))
             ids.append(array)
             print(f"[run] {step.name}: submitted array job {array} ({n} sweep settings, {reason}); "

@@ -3,17 +3,20 @@ USR1 + `scontrol requeue` (the mechanism of Lightning's auto-requeue), the sbatc
 submission helpers of pipeline.slurm and the Hydra submitit launcher config.
 
 The module fixture starts the cluster (installing Debian's packages if needed) and stops it at the end,
-unless it was already running (e.g. started by `make test`), in which case it is left up.
+unless it was already running (e.g. started by `make test`), in which case it is left up. Without root, or
+when the packages cannot be installed, the tests that need it skip with that reason.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +27,6 @@ from pipeline import slurm
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SCRIPT = REPO / "slurm" / "local_cluster.sh"
-STATE_DIR = Path(os.environ.get("LOCAL_SLURM_DIR", "/tmp/guided-ldm-slurm"))
 JOB_TIMEOUT_S = 60.0
 # Installing the packages on a fresh machine is the slow part of a first start.
 START_TIMEOUT_S = 1200
@@ -39,6 +41,13 @@ def _cluster(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
         env=env,
         check=False,
     )
+
+
+def slurm_conf_printed(output: str) -> Path | None:
+    """The cluster's slurm.conf from the `export SLURM_CONF=...` line `start` and `status` print (the
+    cluster lives in a private mktemp directory; only the script knows which)."""
+    match = re.search(r"^export SLURM_CONF=(\S+)$", output, re.MULTILINE)
+    return Path(match.group(1)) if match else None
 
 
 def _slurm_installed() -> bool:
@@ -58,7 +67,8 @@ def cluster() -> Iterator[Path]:
         if not _slurm_installed():
             pytest.skip(f"Slurm packages cannot be installed: {started.stderr.strip()[-600:]}")
         pytest.fail(f"local_cluster.sh start failed:\n{started.stderr}")
-    conf = STATE_DIR / "etc" / "slurm.conf"
+    conf = slurm_conf_printed(started.stdout)
+    assert conf is not None and conf.is_file(), started.stdout
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SLURM_CONF", str(conf))
         yield conf
@@ -174,19 +184,22 @@ def test_hydra_submitit_launcher_config_composes() -> None:
 @pytest.mark.slurm
 def test_cluster_start_status_stop_leaves_nothing(cluster: Path, tmp_path: Path) -> None:
     """A second cluster on free ports: start, idempotent start, stop with a job running, no process left."""
-    state = tmp_path / "cluster"
+    parent = Path(tempfile.mkdtemp(prefix="gldm-"))  # short: munged's socket path has at most 107 characters
     env = {
         **os.environ,
-        "LOCAL_SLURM_DIR": str(state),
+        "LOCAL_SLURM_TMPDIR": str(parent),
+        "LOCAL_SLURM_POINTER_DIR": str(parent / "pointers"),
         "LOCAL_SLURM_CTLD_PORT": str(_free_port()),
         "LOCAL_SLURM_SLURMD_PORT": str(_free_port()),
-        "SLURM_CONF": str(state / "etc" / "slurm.conf"),
     }
     try:
         assert _cluster("status", env=env).returncode == 1
         first = _cluster("start", env=env)
         assert first.returncode == 0, first.stderr
-        assert f"export SLURM_CONF={state}/etc/slurm.conf" in first.stdout
+        conf = slurm_conf_printed(first.stdout)
+        assert conf is not None and conf.parent.name == "etc", first.stdout
+        state = conf.parent.parent
+        env["SLURM_CONF"] = str(conf)
         pids = {
             name: int((state / "run" / f"{name}.pid").read_text())
             for name in ("munged", "slurmctld", "slurmd")
@@ -210,8 +223,10 @@ def test_cluster_start_status_stop_leaves_nothing(cluster: Path, tmp_path: Path)
         assert stopped.returncode == 0, stopped.stderr
         assert _cluster("status", env=env).returncode == 1
         assert [pid for pid in [*pids.values(), *job_pids] if _running(pid)] == []
+        assert not state.exists()
     finally:
         _cluster("stop", env=env)
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 @pytest.mark.slurm

@@ -191,13 +191,19 @@ def test_extract_features_batches(tmp_path):
     np.testing.assert_array_equal(from_iterable["pooled"], batched["pooled"])
 
 
+def _key(split: str = "test", **change) -> dict:
+    key = {"split": split, "content": {"shards_sha256": ["0123456789abcdef" * 4]}, "num_images": 9,
+           "preprocessing": {"image_size": 12, "channels": 1, "resize": "pad"}}  # fmt: skip
+    return {**key, **change}
+
+
 def test_reference_statistics_cached_and_reused(tmp_path):
     extractor = _CountingExtractor()
     images = _images(n=9)
-    manifest_hash = "0123456789abcdef" * 4
-    stats = features.reference_statistics(extractor, images, tmp_path / "cache", manifest_hash, batch_size=4)
+    stats = features.reference_statistics(extractor, images, tmp_path / "cache", _key(), batch_size=4)
     assert extractor.calls == 3
-    expected_file = tmp_path / "cache" / f"ref_0123456789ab_{extractor.fingerprint()[:12]}.npz"
+    expected_file = features.reference_cache_path(tmp_path / "cache", _key(), extractor)
+    assert expected_file.name.startswith("ref_test_")
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [expected_file.name]
 
     pooled = features.extract_features(extractor, images)["pooled"].astype(np.float64)
@@ -210,12 +216,29 @@ def test_reference_statistics_cached_and_reused(tmp_path):
         raise AssertionError("images consumed although the cache is warm")
         yield  # pragma: no cover
 
-    again = features.reference_statistics(extractor, must_not_be_read(), tmp_path / "cache", manifest_hash)
+    again = features.reference_statistics(extractor, must_not_be_read(), tmp_path / "cache", _key())
     assert extractor.calls == calls
-    assert again["n"] == 9 and isinstance(again["n"], int)
+    assert again["n"] == 9 and isinstance(again["n"], int) and again["key"] == stats["key"]
     for key in ("mu", "sigma", "pooled"):
         np.testing.assert_array_equal(again[key], stats[key])
 
-    features.reference_statistics(extractor, images, tmp_path / "cache", "f" * 64)
-    assert extractor.calls > calls  # a new manifest is a new cache entry
-    assert len(list((tmp_path / "cache").iterdir())) == 2
+    # Anything that changes the real images is a new cache entry (and a new scorer fingerprint).
+    changes = [_key("val"), _key(content={"shards_sha256": ["f" * 64]}), _key(num_images=8),
+               _key(preprocessing={"image_size": 12, "channels": 1, "resize": "resize"}),
+               _key(content={"urls_sha256": "e" * 64})]  # fmt: skip
+    for i, key in enumerate(changes, 2):
+        changed = features.reference_statistics(extractor, images, tmp_path / "cache", key)
+        assert extractor.calls > calls and changed["key"] != stats["key"], key
+        calls = extractor.calls
+        assert len(list((tmp_path / "cache").iterdir())) == i
+
+
+def test_reference_file_of_another_key_is_not_reused(tmp_path):
+    """A file at the key's path whose stored key differs (a renamed copy, a hash prefix clash) is recomputed."""
+    extractor = _CountingExtractor()
+    path = features.reference_cache_path(tmp_path, _key(), extractor)
+    features.reference_statistics(extractor, _images(n=9), tmp_path, _key("val"))
+    features.reference_cache_path(tmp_path, _key("val"), extractor).rename(path)
+    calls = extractor.calls
+    features.reference_statistics(extractor, _images(n=9), tmp_path, _key())
+    assert extractor.calls > calls
