@@ -22,7 +22,7 @@ def _warmup_name(warmup: str | bool) -> str:
     if isinstance(warmup, bool):
         return "power" if warmup else "none"
     if warmup not in EMA_WARMUPS:
-        raise ValueError(f"unknown EMA warm-up {warmup!r}; expected one of {list(EMA_WARMUPS)} (or true/false)")
+        raise ValueError(f"unknown EMA warm-up {warmup!r}; expected one of {list(EMA_WARMUPS)} or true/false")
     return warmup
 
 
@@ -52,8 +52,15 @@ class EMA(nn.Module):
     count live in the owner's state_dict: a resumed run restores them exactly.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: str | bool = "power",
-                 inv_gamma: float = 1.0, power: float = 2 / 3, update_after_step: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float = 0.9999,
+        warmup: str | bool = "power",
+        inv_gamma: float = 1.0,
+        power: float = 2 / 3,
+        update_after_step: int = 0,
+    ) -> None:
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")

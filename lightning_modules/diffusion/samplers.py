@@ -1,4 +1,4 @@
-"""DDPM, DDIM and DPM-Solver++(2M) reverse steps on a (possibly respaced) subsequence of the training timesteps.
+"""DDPM, DDIM and DPM-Solver++(2M) steps on a (possibly respaced) subsequence of the training timesteps.
 
 Samplers never call the model: the loop in `sampling.py` does, converts the output to eps and hands it to
 `step`. Symbols used in the steps (t and t' are training timesteps, t' the next one on the sampling chain,
@@ -275,8 +275,8 @@ DPM_FINAL_SIGMAS = ("zero", "sigma_min")
 
 
 def _alpha_sigma_lambda(abar: float) -> tuple[float, float, float]:
-    """alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) and the half log-SNR lambda_t = log(alpha_t / sigma_t)
-    (Lu et al. 2022, Sec. 2); abar = 1 (sigma = 0) gives lambda = +inf."""
+    """alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) and the half log-SNR
+    lambda_t = log(alpha_t / sigma_t) (Lu et al. 2022, Sec. 2); abar = 1 (sigma = 0) gives lambda = +inf."""
     alpha, sigma = math.sqrt(abar), math.sqrt(1.0 - abar)
     return alpha, sigma, (math.log(alpha) - math.log(sigma)) if sigma > 0 else math.inf
 
@@ -290,10 +290,10 @@ class DPMSolverPP2MSampler(_RespacedSampler):
 
     Symbols of a step from s0 = t to t' (s1: the chain's previous timestep; diffusers' names in brackets):
 
-        x0_i           the data prediction at s_i, from the (guided) eps (model_output after convert_model_output)
+        x0_i           the data prediction at s_i, from the (guided) eps (convert_model_output's result)
         h, h_0         lambda_t' - lambda_s0, lambda_s0 - lambda_s1; r0 = h_0 / h
-        first order    x_t' = (sigma_t' / sigma_s0) x_t - alpha_t' (e^-h - 1) x0_0      (= DDIM, eq. 5 of Lu et al.)
-        second order   the same with D = x0_0 + (x0_0 - x0_1) / (2 r0) in place of x0_0  (Algorithm 2, line 6)
+        first order    x_t' = (sigma_t' / sigma_s0) x_t - alpha_t' (e^-h - 1) x0_0   (= DDIM; Lu et al. eq. 5)
+        second order   the same with D = x0_0 + (x0_0 - x0_1) / (2 r0) for x0_0     (Algorithm 2, line 6)
 
     The first step is first order (no history yet), and so is the last one when `final_sigmas_type` is
     "zero" (the chain ends at sigma = 0, i.e. x0) or when `lower_order_final` and fewer than 15 steps

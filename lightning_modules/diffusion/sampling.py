@@ -89,8 +89,8 @@ def sample(
     denoiser(x, t) -> prediction of type `prediction_type` ("eps", "v", "x0"), x (B, ...), t long (B,)
     training timesteps (also on respaced chains); e.g. a plain model wrapper or a `CFGDenoiser`.
     cond_fn(x, t) -> scaled grad_x log p(y | x, t) (e.g. `classifier_cond_fn`), applied by the sampler
-    (DDPM: `condition_mean`; DDIM and DPM-Solver++: `condition_score`). seeds: one per sample for batch-independent
-    results; None draws from torch's global RNG.
+    (DDPM: `condition_mean`; DDIM and DPM-Solver++: `condition_score`). seeds: one per sample for
+    batch-independent results; None draws from torch's global RNG.
     """
     device = torch.device(device if device is not None else "cpu")
     draw = _noise_source(tuple(shape), seeds, device, dtype)
