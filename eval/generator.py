@@ -14,7 +14,11 @@ import torch
 from lightning_modules.artifacts import DiffusionBundle, state_fingerprint
 from lightning_modules.codec import LatentCodec
 from lightning_modules.diffusion import Sampler
-from lightning_modules.generation import AUTOCAST_DTYPES, GuidanceSetting, generate
+from lightning_modules.generation import AUTOCAST_DTYPES, generate
+
+# What the generator is called with: a guidance setting, or a sweep point (`eval.sampler_sweep.SweepSetting`:
+# `guidance` and its own `sampler`, None for the generator's).
+Setting = Any
 
 __all__ = ["SampleGenerator"]
 
@@ -29,7 +33,8 @@ class SampleGenerator:
 
     Args:
         diffusion: the bundle of `load_diffusion` (EMA U-Net, conditioner, schedule, autoencoder).
-        sampler: a DDIM/DDPM sampler (its step count and spacing define the chain).
+        sampler: a DDIM/DDPM/DPM-Solver++ sampler (its step count and spacing define the chain); a sweep
+            point with a sampler of its own (`eval.sampler_sweep.SweepSetting`) is drawn with that one.
         classifier: the noisy-latent classifier, needed by settings with s_cls != 0.
         class_names: for text conditioners: captions are `caption_template.format(class_name)`.
         device: where sampling runs.
@@ -65,16 +70,21 @@ class SampleGenerator:
         self.codec = LatentCodec.of(diffusion)
         self._fingerprints: dict[str, Any] | None = None
 
-    def describe(self) -> dict[str, Any]:
-        """Sampler columns of a results row."""
-        return {"sampler": type(self.sampler).__name__, "num_steps": getattr(self.sampler, "num_steps", None),
-                "dtype": self.dtype}  # fmt: skip
+    def sampler_of(self, setting: Setting) -> Sampler:
+        """The sampler that draws `setting`: its own (a sampler sweep's point) or the generator's."""
+        return getattr(setting, "sampler", None) or self.sampler
+
+    def describe(self, setting: Setting = None) -> dict[str, Any]:
+        """Sampler columns of a results row (of `setting`'s sampler)."""
+        sampler = self.sampler_of(setting)
+        return {"sampler": type(sampler).__name__, "num_steps": getattr(sampler, "num_steps", None),
+                "spacing": getattr(sampler, "spacing", None), "dtype": self.dtype}  # fmt: skip
 
     @property
     def text_conditioned(self) -> bool:
         return not isinstance(self.diffusion.conditioner.null_condition(1), torch.Tensor)
 
-    def fingerprint(self, setting: GuidanceSetting) -> dict[str, Any]:
+    def fingerprint(self, setting: Setting) -> dict[str, Any]:
         """What determines the samples of `setting` besides indices and seeds (weights by content)."""
         if self._fingerprints is None:
             d = self.diffusion
@@ -91,6 +101,8 @@ class SampleGenerator:
                 "classifier": state_fingerprint(self.classifier.state_dict()) if self.classifier else None,
             }
         out = dict(self._fingerprints)
+        if getattr(setting, "sampler", None) is not None:
+            out["sampler"] = _sampler_description(setting.sampler)
         if setting.cls_scale == 0:
             out["classifier"] = None  # an unused classifier does not change the samples
         return out
@@ -117,12 +129,14 @@ class SampleGenerator:
         return torch.tensor([index], device=self.device)
 
     @torch.no_grad()
-    def __call__(self, setting: GuidanceSetting, labels: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
+    def __call__(self, setting: Setting, labels: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
         """labels (B,), seeds (B,) -> uint8 images (B, H, W, C) of `generate`."""
+        sampler = self.sampler_of(setting)
+        setting = getattr(setting, "guidance", setting)
         y = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=self.device)
         negative = None if setting.negative is None else self.negative_condition(setting.negative)
         d = self.diffusion
-        return generate(d.unet, self.codec, d.conditioner, setting, self.sampler, d.schedule, d.prediction_type,
+        return generate(d.unet, self.codec, d.conditioner, setting, sampler, d.schedule, d.prediction_type,
                         self.condition(y), seeds, latent_shape=d.latent_shape, labels=y,
                         negative_condition=negative, classifier=self.classifier, device=self.device,
                         autocast_dtype=AUTOCAST_DTYPES[self.dtype], progress=self.progress_steps)  # fmt: skip

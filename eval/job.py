@@ -1,6 +1,7 @@
 """The guidance-sweep job: generate class-balanced samples per guidance setting, score them, report.
 
-For each `GuidanceSetting` (`eval.settings.expand_settings`), `SweepJob.run_setting` writes into
+For each setting (a `GuidanceSetting` of `eval.settings.expand_settings`, or a point of a sampler sweep,
+`eval.sampler_sweep.SweepSetting`), `SweepJob.run_setting` writes into
 `<out_dir>/<setting.name>/` the sample store of `eval.samples` (samples.npz, grid.png) and
 
     metrics.json   FID, IS, precision/recall, (KID), class accuracy, the setting and its hashes
@@ -30,6 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from core.io import atomic_write_json, config_hash, read_json
+from eval.sampler_sweep import Setting
 from eval.samples import class_grid, load_samples, merge_parts, npz_hash, part_path, save_npz
 from eval.settings import batch_ranges, class_balanced_labels, sample_seeds
 from lightning_modules.generation import GuidanceSetting
@@ -42,12 +44,12 @@ class SweepJob:
     """Run settings into `out_dir/<setting.name>/`; see the module docstring for files and resume rules.
 
     generator: called as generator(setting, labels (B,), seeds (B,)) -> uint8 (B, H, W, C), with
-        `fingerprint(setting) -> dict` and `describe() -> dict` (columns), i.e. a `SampleGenerator`.
+        `fingerprint(setting) -> dict` and `describe(setting) -> dict` (columns), i.e. a `SampleGenerator`.
     scorer: rank 0 only (None elsewhere): scorer(images, labels) -> metrics, with `fingerprint()`.
     """
 
     out_dir: Path
-    settings: Sequence[GuidanceSetting]
+    settings: Sequence[Setting]
     generator: Any
     scorer: Any | None
     num_samples: int
@@ -76,16 +78,19 @@ class SweepJob:
             "sample_seed": self.sample_seed,
         }
 
-    def samples_hash(self, setting: GuidanceSetting) -> str:
+    def samples_hash(self, setting: Setting) -> str:
         return config_hash({**self._generation_common(), "setting": setting.as_row(),
                       "generator": self.generator.fingerprint(setting)})  # fmt: skip
 
-    def metrics_hash(self, setting: GuidanceSetting) -> str:
+    def metrics_hash(self, setting: Setting) -> str:
         return config_hash({"samples": self.samples_hash(setting), "scorer": self.scorer.fingerprint()})
 
     def sweep_hash(self) -> str:
-        """Everything but the settings themselves: rows with this hash belong in one report."""
+        """Everything but the settings themselves: rows with this hash belong in one report. In a sampler
+        sweep the sampler is part of the setting (each row's samples hash has it), not of the sweep."""
         generator = self.generator.fingerprint(GuidanceSetting("cfg"))
+        if any(getattr(s, "sampler", None) is not None for s in self.settings):
+            generator["sampler"] = "per setting"
         return config_hash(
             {**self._generation_common(), "generator": generator, "scorer": self.scorer.fingerprint()}
         )
@@ -105,7 +110,7 @@ class SweepJob:
                 rows.append(metrics)
         return rows
 
-    def run_setting(self, setting: GuidanceSetting) -> tuple[str, dict[str, Any] | None]:
+    def run_setting(self, setting: Setting) -> tuple[str, dict[str, Any] | None]:
         """-> (status, metrics on rank 0 else None). status: "skipped (done with this config)" when
         metrics.json matches, "scored" when existing samples were only scored, else "sampled+scored"
         ("sampled" / "samples exist" on ranks > 0, which never score)."""
@@ -125,7 +130,7 @@ class SweepJob:
             return ("sampled" if sampled else "samples exist"), None
         return ("sampled+scored" if sampled else "scored"), self._score(setting, setting_dir, samples_hash)
 
-    def _generate(self, setting: GuidanceSetting, setting_dir: Path, samples_hash: str) -> None:
+    def _generate(self, setting: Setting, setting_dir: Path, samples_hash: str) -> None:
         """Draw this rank's batches into parts/ (skipping parts already there); rank 0 merges them."""
         start = time.perf_counter()
         parts = setting_dir / "parts"
@@ -145,7 +150,7 @@ class SweepJob:
             merge_parts(parts, batches, setting_dir / "samples.npz", samples_hash, self.labels, start,
                         self.gather_timeout_s, self.poll_s)  # fmt: skip
 
-    def _score(self, setting: GuidanceSetting, setting_dir: Path, samples_hash: str) -> dict[str, Any]:
+    def _score(self, setting: Setting, setting_dir: Path, samples_hash: str) -> dict[str, Any]:
         samples_path = setting_dir / "samples.npz"
         images, labels = load_samples(samples_path)
         with np.load(samples_path) as f:
@@ -154,7 +159,8 @@ class SweepJob:
         class_grid(images, labels, self.grid_per_class, self.class_names, setting_dir / "grid.png")
         metrics = self.scorer(images, labels)
         metrics = {
-            **setting.as_row(), **metrics, "num_samples": int(len(images)), **self.generator.describe(),
+            **setting.as_row(), **metrics, "num_samples": int(len(images)),
+            **self.generator.describe(setting),
             "sampling_seconds": sampling_seconds, "scoring_seconds": time.perf_counter() - start,
             "grid": str(Path(setting.name) / "grid.png"), "config_hash": self.metrics_hash(setting),
             "samples_hash": samples_hash, "sweep_hash": self.sweep_hash(),

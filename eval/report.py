@@ -33,6 +33,9 @@ METRIC_NAMES = {
 }
 
 
+AXIS_LABELS = {"nfe": "U-Net evaluations per sample (CFG: 2 per step)"}
+
+
 def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return list(dict.fromkeys(key for row in rows for key in row))
 
@@ -136,8 +139,8 @@ def plot_sweep(
     out_dir: str | os.PathLike,
     group_key: str | None = None,
 ) -> dict[str, Path]:
-    """PNG plots of the sweep in `out_dir`: fid, inception_score, precision_recall, kid and
-    class_accuracy against `x_key`, and fid_vs_is (the guidance trade-off curve). A plot whose
+    """PNG plots of the sweep in `out_dir`: fid, inception_score, precision_recall, kid, class_accuracy
+    and sec_per_sample against `x_key`, and fid_vs_is (the guidance trade-off curve). A plot whose
     metrics no row has is skipped. `group_key` draws one line per value (e.g. the guidance kind).
     Returns {plot name: path}.
     """
@@ -148,10 +151,11 @@ def plot_sweep(
         "precision_recall": ("precision / recall", ["precision", "recall"]),
         "kid": ("KID", ["kid_mean"]),
         "class_accuracy": ("class accuracy", ["class_accuracy"]),
+        "sec_per_sample": ("seconds per sample", ["sec_per_sample"]),
     }
     paths: dict[str, Path] = {}
     for name, (y_label, y_keys) in line_plots.items():
-        fig, ax = _new_axes(f"{y_label} vs {x_key}", x_key, y_label)
+        fig, ax = _new_axes(f"{y_label} vs {x_key}", AXIS_LABELS.get(x_key, x_key), y_label)
         if _plot_metric_lines(ax, rows, x_key, y_keys, group_key):
             paths[name] = _save_figure(fig, out_dir / f"{name}.png")
     fig, ax = _new_axes(f"FID vs Inception Score (labels: {x_key})", "Inception Score", "FID")
@@ -195,9 +199,11 @@ def write_report(
     out_path: str | os.PathLike,
     title: str,
     meta: Mapping[str, Any],
+    sections: Mapping[str, tuple[str, Sequence[Mapping[str, Any]]]] | None = None,
 ) -> Path:
     """Write a markdown report: meta (dataset, sample count, sampler, machine, time, ...), the best
-    setting by FID, the results table, and the plots and sample grids linked relative to `out_path`.
+    setting by FID, the results table, extra `sections` ({title: (note, rows)}, each a table after a
+    note), and the plots and sample grids linked relative to `out_path`.
 
     plots: {name: png path} as returned by `plot_sweep`; grids: {caption: png path}.
     """
@@ -209,6 +215,8 @@ def write_report(
     lines += ["", "## Best setting (lowest FID)", ""]
     lines += _markdown_table([best]) if best is not None else ["No row has a finite FID."]
     lines += ["", "## Results", ""] + (_markdown_table(rows) if rows else ["No results."])
+    for heading, (note, section_rows) in (sections or {}).items():
+        lines += ["", f"## {heading}", "", note, ""] + (_markdown_table(section_rows) if section_rows else [])
     if plots:
         lines += ["", "## Plots"]
         for name, path in plots.items():

@@ -10,6 +10,7 @@ from typing import Any
 
 from core.io import read_json
 from eval.report import best_row, describe_machine, plot_sweep, write_report, write_results
+from eval.sampler_sweep import network_evaluations
 from lightning_modules.generation import GUIDANCE_KINDS
 
 # Identity columns of a metrics.json: kept there (resume, report filtering), left out of the tables.
@@ -18,9 +19,30 @@ HASH_KEYS = ("config_hash", "samples_hash", "sweep_hash")
 __all__ = ["HASH_KEYS", "TABLE_COLUMNS", "collect_rows", "format_table", "table_rows", "write_sweep_report"]
 
 
+NFE_NOTE = (
+    "nfe: U-Net evaluations per sample (one per sampling step; classifier-free guidance at s != 1 runs the "
+    "conditional and unconditional halves, counted as two; classifier-guidance gradients are not counted). "
+    "sec_per_sample: wall seconds of sampling per sample (all ranks together)."
+)
+
+
+def _derived(row: Mapping[str, Any]) -> dict[str, Any]:
+    """nfe, sec_per_sample and (in a sampler sweep) the curve a row belongs to: sampler config and scale."""
+    out: dict[str, Any] = {"nfe": network_evaluations(row)}
+    seconds, n = row.get("sampling_seconds"), row.get("num_samples")
+    out["sec_per_sample"] = float(seconds) / int(n) if seconds is not None and n else None
+    if row.get("sampler_config") is not None:
+        scale = row.get("cfg_scale") if row.get("guidance") != "classifier" else None
+        scales = [f"s={scale:g}" if scale is not None else "", f"s_cls={row.get('cls_scale'):g}"
+                  if row.get("guidance") != "cfg" else ""]  # fmt: skip
+        out["curve"] = " ".join([str(row["sampler_config"]), *filter(None, scales)])
+    return out
+
+
 def table_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Rows without their hash columns (those stay in each metrics.json): what tables, plots and W&B show."""
-    return [{k: v for k, v in row.items() if k not in HASH_KEYS} for row in rows]
+    """Rows without their hash columns (those stay in each metrics.json), with the derived columns nfe,
+    sec_per_sample and, in a sampler sweep, curve (`NFE_NOTE`): what tables, plots and W&B show."""
+    return [{**{k: v for k, v in row.items() if k not in HASH_KEYS}, **_derived(row)} for row in rows]
 
 
 def _sort_key(row: Mapping[str, Any]) -> tuple:
@@ -29,7 +51,8 @@ def _sort_key(row: Mapping[str, Any]) -> tuple:
         if row.get("guidance") in GUIDANCE_KINDS
         else len(GUIDANCE_KINDS)
     )
-    return (kind, row.get("cls_scale") or 0.0, row.get("cfg_scale") or 0.0, str(row.get("setting")))
+    chain = (str(row.get("sampler_config") or ""), row.get("num_steps") or 0)
+    return (kind, *chain, row.get("cls_scale") or 0.0, row.get("cfg_scale") or 0.0, str(row.get("setting")))
 
 
 def collect_rows(out_dir: str | os.PathLike, sweep_hash: str | None = None) -> list[dict[str, Any]]:
@@ -44,7 +67,10 @@ def collect_rows(out_dir: str | os.PathLike, sweep_hash: str | None = None) -> l
 
 
 def _axes(rows: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
-    """(x key, group key) of the plots: CFG scale (grouped by s_cls when several), or s_cls alone."""
+    """(x key, group key) of the plots: CFG scale (grouped by s_cls when several), or s_cls alone; in a
+    sampler sweep the number of network evaluations, one line per sampler and scale (`curve`)."""
+    if any(row.get("curve") for row in rows):
+        return "nfe", "curve"
     kinds = {row.get("guidance") for row in rows}
     if kinds == {"classifier"}:
         return "cls_scale", None
@@ -52,8 +78,8 @@ def _axes(rows: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
     return "cfg_scale", ("cls_scale" if len(cls_values) > 1 else None)
 
 
-TABLE_COLUMNS = ("setting", "cfg_scale", "cls_scale", "fid", "is_mean", "precision", "recall", "kid_mean",
-                 "class_accuracy")  # fmt: skip
+TABLE_COLUMNS = ("setting", "cfg_scale", "cls_scale", "nfe", "fid", "is_mean", "precision", "recall",
+                 "kid_mean", "class_accuracy", "sec_per_sample")  # fmt: skip
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -70,6 +96,17 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
     return "\n".join(lines)
+
+
+NFE_COLUMNS = ("curve", "sampler", "num_steps", "nfe", "fid", "class_accuracy", "precision", "recall",
+               "sec_per_sample")  # fmt: skip
+
+
+def _nfe_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The sampler sweep's rows by curve and NFE, with the columns of `NFE_COLUMNS` they have."""
+    ordered = sorted(rows, key=lambda r: (str(r.get("curve")), r.get("nfe") or 0))
+    columns = [c for c in NFE_COLUMNS if any(r.get(c) is not None for r in rows)]
+    return [{c: r.get(c) for c in columns} for r in ordered]
 
 
 def write_sweep_report(
@@ -90,7 +127,10 @@ def write_sweep_report(
     }
     best = best_row(table, "fid")
     meta = {**meta, "best setting (FID)": best["setting"] if best else None, "machine": describe_machine()}
-    report = write_report(table, plots, grids, out_dir / "report.md", title=title, meta=meta)
+    sections = {}
+    if x_key == "nfe":
+        sections["Quality against network evaluations"] = (NFE_NOTE, _nfe_table(table))
+    report = write_report(table, plots, grids, out_dir / "report.md", title, meta, sections=sections)
     return {"results_csv": csv_path, "results_json": json_path, "plots": plots, "grids": grids,
             "report": report, "x_key": x_key}  # fmt: skip
 

@@ -41,10 +41,12 @@ def log_to_wandb(
         )
         logs: dict[str, Any] = {"eval/results": table}
         x_key = outputs.get("x_key", "cfg_scale")
-        for metric in ("fid", "is_mean", "precision", "recall", "class_accuracy"):
+        # A sampler sweep (x = nfe): one line per sampler and scale (`curve`).
+        stroke = "curve" if x_key == "nfe" and "curve" in columns else None
+        for metric in ("fid", "is_mean", "precision", "recall", "class_accuracy", "sec_per_sample"):
             if x_key in columns and metric in columns:
                 logs[f"eval/{metric}_vs_{x_key}"] = wandb.plot.line(
-                    table, x_key, metric, title=f"{metric} vs {x_key}"
+                    table, x_key, metric, stroke=stroke, title=f"{metric} vs {x_key}"
                 )
         logs |= {f"eval/plots/{k}": wandb.Image(str(p)) for k, p in outputs.get("plots", {}).items()}
         logs |= {

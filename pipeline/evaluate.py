@@ -1,7 +1,9 @@
-"""`python -m pipeline.evaluate [guidance=cfg|classifier|both] [sweep_index=i] [report_only=true] ...`
+"""`python -m pipeline.evaluate [guidance=cfg|classifier|both] [sweep.samplers=[ddim,dpmpp_2m]]
+[sweep.steps=[5,10,20,50]] [sweep_index=i] [report_only=true] ...`
 
-A guidance sweep scored with FID / IS / precision-recall / class accuracy; the logic is in `eval/` (settings,
-checks, generator, job, samples, scoring, sweep_report, wandb_log).
+A guidance sweep (optionally crossed with samplers and step counts) scored with FID / IS /
+precision-recall / class accuracy; the logic is in `eval/` (settings, sampler_sweep, checks, generator,
+job, samples, scoring, sweep_report, wandb_log).
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from core.dist import dist_env
+from core.io import read_json
 from datamodules.shards import manifest_hash
 from eval.checks import check_data_compatible
 from eval.features import reference_key, reference_statistics
 from eval.generator import SampleGenerator
 from eval.job import SweepJob
 from eval.metrics import check_sample_count
+from eval.report import best_row
+from eval.sampler_sweep import SweepSetting, cross_settings, step_counts
 from eval.scoring import Scorer, real_image_batches
 from eval.settings import expand_settings, select_setting
 from eval.sweep_report import collect_rows, format_table, write_sweep_report
@@ -29,6 +34,8 @@ from eval.wandb_log import log_to_wandb
 from lightning_modules.artifacts import check_eval_feature_net, load_classifier, load_diffusion
 from pipeline.common import save_config, scrub_secrets
 from pipeline.config_checks import EVALUATE_RULES, ConfigError, check_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def sweep_settings(g: DictConfig) -> list:
@@ -38,10 +45,74 @@ def sweep_settings(g: DictConfig) -> list:
                            g.get("rescale_phi", 0.0), g.get("negative"))  # fmt: skip
 
 
+def _best_scales(cfg: DictConfig, for_count: bool) -> dict[str, list[float]]:
+    """`sweep.best_scale_from=<sweep name>`: the guidance scales of that sweep's lowest-FID row (its
+    results.json under ${paths.run_dir}/eval/), as guidance overrides; {} when unset. `for_count`: only the
+    number of settings is wanted (a Slurm array sized before that sweep ran): a placeholder scale."""
+    source = (cfg.get("sweep") or {}).get("best_scale_from")
+    if not source:
+        return {}
+    if for_count:
+        return {"scales": [1.0], "classifier_scales": [0.0]}
+    path = Path(cfg.paths.run_dir) / "eval" / str(source) / "results.json"
+    best = best_row(read_json(path) or [], "fid")
+    if best is None:
+        raise ValueError(
+            f"sweep.best_scale_from={source}: {path} holds no finished setting with an FID; run that sweep "
+            f"first (python -m pipeline.evaluate guidance.name={source} ...) or give the scales instead "
+            f"(sweep.best_scale_from=null guidance.scales=[3])"
+        )
+    scales = {"scales": best.get("cfg_scale"), "classifier_scales": best.get("cls_scale")}
+    return {key: [float(v)] for key, v in scales.items() if v is not None}
+
+
+def _sampler_config(name: str) -> DictConfig:
+    path = CONF / "sampler" / f"{name}.yaml"
+    if not path.is_file():
+        options = sorted(p.stem for p in (CONF / "sampler").glob("*.yaml"))
+        raise ValueError(f"sweep.samplers: no sampler config {name!r} ({path}); expected some of {options}")
+    return OmegaConf.load(path)
+
+
+def sampler_chains(cfg: DictConfig) -> list[tuple[str, object]] | None:
+    """The (config name, sampler) chains of a sampler sweep, sampler-major then by step count; None when
+    neither `sweep.samplers` nor `sweep.steps` is set (the `sampler` config draws every setting).
+    `sweep.samplers`: names of conf/sampler/ files (null: the `sampler` config, named by its class);
+    `sweep.steps`: the step counts each runs at (null: each config's num_steps); `sweep.spacing`: one
+    timestep spacing for all (null: each config's)."""
+    sweep = cfg.get("sweep") or {}
+    steps = step_counts(OmegaConf.to_container(sweep.steps) if sweep.get("steps") is not None else None)
+    names = sweep.get("samplers")
+    if names is None and steps is None:
+        return None
+    if names is not None and (isinstance(names, str) or not len(names)):
+        raise ValueError(f"sweep.samplers must be a non-empty list of conf/sampler names, got {names!r}")
+    configs = {str(n): _sampler_config(str(n)) for n in names} if names is not None else {
+        cfg.sampler._target_.rsplit(".", 1)[-1]: cfg.sampler}  # fmt: skip
+    if len(configs) != len(names or [None]):
+        raise ValueError(f"sweep.samplers names a sampler twice: {list(names)}")
+    chains = []
+    for name, sampler_cfg in configs.items():
+        for n in steps or [sampler_cfg.num_steps]:
+            chain_cfg = OmegaConf.merge(sampler_cfg, {"num_steps": n})
+            if sweep.get("spacing") is not None:
+                chain_cfg.spacing = sweep.spacing
+            chains.append((name, instantiate(chain_cfg)))
+    return chains
+
+
+def sweep_points(cfg: DictConfig, for_count: bool = False) -> list[SweepSetting]:
+    """Every setting of the evaluation: the guidance settings (at `sweep.best_scale_from`'s scales when
+    set), each drawn by every sampler chain of `sampler_chains` (or by the `sampler` config alone)."""
+    guidance = OmegaConf.to_container(cfg.guidance, resolve=True)
+    g = OmegaConf.create({**guidance, **_best_scales(cfg, for_count)})
+    return cross_settings(sweep_settings(g), sampler_chains(cfg))
+
+
 def build_job(cfg: DictConfig, rank: int, world: int, local_rank: int) -> SweepJob:
     """Every check and every load before any sampling: settings, checkpoints, data, scoring net, counts."""
     g = cfg.guidance
-    settings = sweep_settings(g)
+    settings = sweep_points(cfg)
     if cfg.sweep_index is not None:
         settings = [select_setting(settings, cfg.sweep_index)]
     needs_classifier = any(s.cls_scale for s in settings)
@@ -132,6 +203,8 @@ def evaluate(cfg: DictConfig) -> list[dict]:
             "samples per setting": ", ".join(sorted({str(r.get("num_samples")) for r in rows})),
             "sampler": ", ".join(sorted({f"{r.get('sampler')}, {r.get('num_steps')} steps" for r in rows})),
             "ranks": world, "wall time of this run (s)": round(time.time() - start, 1)}  # fmt: skip
+    if (cfg.get("sweep") or {}).get("best_scale_from"):
+        meta["guidance scales from"] = f"the lowest-FID setting of sweep `{cfg.sweep.best_scale_from}`"
     outputs = write_sweep_report(sweep_dir, rows, f"Guidance sweep `{cfg.sweep_name}` ({cfg.run_name})", meta)
     print(format_table(rows))
     print(f"[evaluate] report: {outputs['report']}")

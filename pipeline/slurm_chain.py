@@ -60,10 +60,10 @@ def stage_sbatch_argv(step, launcher: DictConfig, log_dir: Path, dependency: lis
 
 
 def sweep_size(step) -> int:
-    """Number of settings in an evaluation step's sweep (its composed `guidance` config)."""
-    from pipeline.evaluate import sweep_settings
+    """Number of settings in an evaluation step's sweep (guidance settings x sampler chains)."""
+    from pipeline.evaluate import sweep_points
 
-    return len(sweep_settings(compose(config_name=step.root, overrides=step.argv).guidance))
+    return len(sweep_points(compose(config_name=step.root, overrides=step.argv), for_count=True))
 
 
 def eval_array_argv(step, launcher: DictConfig, log_dir: Path, dependency: list[str], n: int) -> list[str]:

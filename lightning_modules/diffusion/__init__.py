@@ -21,7 +21,15 @@ from .process import (
     snr,
     training_target,
 )
-from .samplers import TIMESTEP_SPACINGS, DDIMSampler, DDPMSampler, Sampler, make_timesteps
+from .samplers import (
+    DPM_FINAL_SIGMAS,
+    TIMESTEP_SPACINGS,
+    DDIMSampler,
+    DDPMSampler,
+    DPMSolverPP2MSampler,
+    Sampler,
+    make_timesteps,
+)
 from .sampling import make_generators, sample, seeded_noise
 from .schedules import BETA_SCHEDULES, NoiseSchedule, extract, make_betas
 
@@ -30,6 +38,8 @@ __all__ = [
     "CFGDenoiser",
     "DDIMSampler",
     "DDPMSampler",
+    "DPMSolverPP2MSampler",
+    "DPM_FINAL_SIGMAS",
     "NoiseSchedule",
     "PREDICTION_TYPES",
     "Sampler",

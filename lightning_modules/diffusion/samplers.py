@@ -1,4 +1,4 @@
-"""DDPM and DDIM reverse steps on a (possibly respaced) subsequence of the training timesteps.
+"""DDPM, DDIM and DPM-Solver++(2M) steps on a (possibly respaced) subsequence of the training timesteps.
 
 Samplers never call the model: the loop in `sampling.py` does, converts the output to eps and hands it to
 `step`. Symbols used in the steps (t and t' are training timesteps, t' the next one on the sampling chain,
@@ -23,7 +23,15 @@ from torch import Tensor
 from .guidance import condition_mean, condition_score
 from .schedules import NoiseSchedule
 
-__all__ = ["DDIMSampler", "DDPMSampler", "Sampler", "TIMESTEP_SPACINGS", "make_timesteps"]
+__all__ = [
+    "DDIMSampler",
+    "DDPMSampler",
+    "DPM_FINAL_SIGMAS",
+    "DPMSolverPP2MSampler",
+    "Sampler",
+    "TIMESTEP_SPACINGS",
+    "make_timesteps",
+]
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
@@ -36,7 +44,11 @@ def make_timesteps(num_train_timesteps: int, num_steps: int, spacing: str) -> Te
 
     The spacings of Lin et al. 2023, Table 2, exactly as diffusers' DDIMScheduler.set_timesteps with
     steps_offset=0: "leading" k * (T // n); "trailing" round(T - k * T / n) - 1; "linspace"
-    round(linspace(0, T - 1, n)).
+    round(linspace(0, T - 1, n)). Every spacing gives exactly n distinct timesteps in [0, T) for every n in
+    [1, T]. diffusers' "trailing" (`np.arange(T, 0, -T / n)`) gets one element too many for 62 of the
+    n in [1, 1000] (the float step overshoots; the extra timestep is -1, whose abar_prev = 1 step then
+    divides by 1 - abar = 0): the chain here is its first n elements, equal to diffusers' wherever
+    diffusers returns n.
     """
     if spacing not in TIMESTEP_SPACINGS:
         raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {list(TIMESTEP_SPACINGS)}")
@@ -45,7 +57,8 @@ def make_timesteps(num_train_timesteps: int, num_steps: int, spacing: str) -> Te
     if spacing == "leading":
         steps = np.arange(num_steps)[::-1] * (num_train_timesteps // num_steps)
     elif spacing == "trailing":
-        steps = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)) - 1
+        # The same float arange as diffusers (so ties round the same way), cut at n.
+        steps = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps))[:num_steps] - 1
     else:
         steps = np.linspace(0, num_train_timesteps - 1, num_steps).round()[::-1]
     return torch.from_numpy(steps.astype(np.int64).copy())
@@ -86,6 +99,8 @@ class Sampler(Protocol):
 
     The loop computes the chain once (`timesteps`) and hands each step its successor `prev_t` (-1 after
     the last step); without it, `needs_noise` and `step` look t up on the chain themselves (one-off calls).
+    A multistep sampler (DPM-Solver++(2M)) returns a `state` entry from `step`; the loop passes it back as
+    `state=` to the next step of the same chain. Samplers that return none are never given one.
     """
 
     def timesteps(self, schedule: NoiseSchedule) -> Tensor: ...
@@ -252,3 +267,107 @@ class DDIMSampler(_RespacedSampler):
             "mean": mean,
             "variance": variance,
         }
+
+
+# --- DPM-Solver++(2M) -------------------------------------------------------------------------------------
+
+DPM_FINAL_SIGMAS = ("zero", "sigma_min")
+
+
+def _alpha_sigma_lambda(abar: float) -> tuple[float, float, float]:
+    """alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) and the half log-SNR
+    lambda_t = log(alpha_t / sigma_t) (Lu et al. 2022, Sec. 2); abar = 1 (sigma = 0) gives lambda = +inf."""
+    alpha, sigma = math.sqrt(abar), math.sqrt(1.0 - abar)
+    return alpha, sigma, (math.log(alpha) - math.log(sigma)) if sigma > 0 else math.inf
+
+
+@dataclass
+class DPMSolverPP2MSampler(_RespacedSampler):
+    """DPM-Solver++(2M): the multistep second-order data-prediction solver of Lu et al. 2022
+    ("DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models", Algorithm 2;
+    diffusers' DPMSolverMultistepScheduler with algorithm_type="dpmsolver++", solver_order=2,
+    solver_type="midpoint").
+
+    Symbols of a step from s0 = t to t' (s1: the chain's previous timestep; diffusers' names in brackets):
+
+        x0_i           the data prediction at s_i, from the (guided) eps (convert_model_output's result)
+        h, h_0         lambda_t' - lambda_s0, lambda_s0 - lambda_s1; r0 = h_0 / h
+        first order    x_t' = (sigma_t' / sigma_s0) x_t - alpha_t' (e^-h - 1) x0_0   (= DDIM; Lu et al. eq. 5)
+        second order   the same with D = x0_0 + (x0_0 - x0_1) / (2 r0) for x0_0     (Algorithm 2, line 6)
+
+    The first step is first order (no history yet), and so is the last one when `final_sigmas_type` is
+    "zero" (the chain ends at sigma = 0, i.e. x0) or when `lower_order_final` and fewer than 15 steps
+    (diffusers' numerical-stability choice). final_sigmas_type "sigma_min" ends at the noise level of
+    training timestep 0 instead of 0. Deterministic (never needs noise). Classifier guidance goes through
+    the guided eps, eps - sqrt(1 - abar_t) grad (guided-diffusion `condition_score`), before x0 is formed.
+
+    Multistep state: `step` returns the data prediction and its timestep as `state`; the sampling loop
+    passes it back as `state=` on the next step of the same chain (`sampling.sample`). Without it (the first
+    step, or a one-off call) the step is first order.
+    """
+
+    num_steps: int = 20
+    spacing: str = "trailing"
+    clip_x0: float | None = None
+    lower_order_final: bool = True
+    final_sigmas_type: str = "zero"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.final_sigmas_type not in DPM_FINAL_SIGMAS:
+            raise ValueError(
+                f"unknown final_sigmas_type {self.final_sigmas_type!r}; expected one of {list(DPM_FINAL_SIGMAS)}"
+            )
+
+    def needs_noise(self, schedule: NoiseSchedule, t: int, prev_t: int | None = None) -> bool:
+        return False
+
+    def _target_abar(self, schedule: NoiseSchedule, prev: int) -> float:
+        """abar at the step's target: the chain's next timestep, or the final sigma after the last step."""
+        if prev >= 0:
+            return _abar(schedule, prev)
+        return 1.0 if self.final_sigmas_type == "zero" else _abar(schedule, 0)
+
+    def _first_order_at_last_step(self) -> bool:
+        return self.final_sigmas_type == "zero" or (self.lower_order_final and self.num_steps < 15)
+
+    def step(
+        self,
+        schedule: NoiseSchedule,
+        eps: Tensor,
+        t: int,
+        x_t: Tensor,
+        noise: Tensor | None,
+        grad: Tensor | None = None,
+        prev_t: int | None = None,
+        state: dict[str, Tensor | int] | None = None,
+    ) -> dict[str, Tensor | float | dict]:
+        """One DPM-Solver++(2M) step from training timestep t to the next one of the chain.
+
+        eps, x_t, grad: (B, ...); noise is unused (deterministic); grad: the scaled classifier gradient at
+        (x_t, t); prev_t: the next timestep of the chain (-1 after the last step); state: the previous
+        step's `state` (None on the first step). Returns prev_sample and pred_x0 (B, ...), variance 0.0 and
+        `state` for the next step.
+        """
+        prev = self.prev_timestep(schedule, t, prev_t)
+        abar_s0 = _abar(schedule, t)
+        if grad is not None:
+            t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+            eps = condition_score(schedule, eps, x_t, t_batch, grad)
+        # 1. The data prediction x0_0 at s0 (convert_model_output of dpmsolver++).
+        x0, _ = self._x0_and_eps(x_t, eps, abar_s0)
+        # 2. Step size in lambda.
+        alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(self._target_abar(schedule, prev))
+        _, sigma_s0, lambda_s0 = _alpha_sigma_lambda(abar_s0)
+        phi = math.expm1(-(lambda_t - lambda_s0)) if math.isfinite(lambda_t) else -1.0  # e^-h - 1
+        # 3. D: x0_0 (first order) or the second-order combination with the previous data prediction.
+        first_order = state is None or (prev < 0 and self._first_order_at_last_step())
+        d = x0
+        if not first_order:
+            _, _, lambda_s1 = _alpha_sigma_lambda(_abar(schedule, int(state["t"])))
+            h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
+            # 1 / r0 = h / h_0 (h = 0 when a sigma_min final step starts at timestep 0: no correction).
+            d = x0 + 0.5 * (h / h_0) * (x0 - state["x0"])
+        # 4. x_t' = (sigma_t' / sigma_s0) x_t - alpha_t' (e^-h - 1) D.
+        prev_sample = (sigma_t / sigma_s0) * x_t - (alpha_t * phi) * d
+        return {"prev_sample": prev_sample, "pred_x0": x0, "variance": 0.0, "state": {"x0": x0, "t": t}}

@@ -89,8 +89,8 @@ def sample(
     denoiser(x, t) -> prediction of type `prediction_type` ("eps", "v", "x0"), x (B, ...), t long (B,)
     training timesteps (also on respaced chains); e.g. a plain model wrapper or a `CFGDenoiser`.
     cond_fn(x, t) -> scaled grad_x log p(y | x, t) (e.g. `classifier_cond_fn`), applied by the sampler
-    (DDPM: `condition_mean`; DDIM: `condition_score`). seeds: one per sample for batch-independent
-    results; None draws from torch's global RNG.
+    (DDPM: `condition_mean`; DDIM and DPM-Solver++: `condition_score`). seeds: one per sample for
+    batch-independent results; None draws from torch's global RNG.
     """
     device = torch.device(device if device is not None else "cpu")
     draw = _noise_source(tuple(shape), seeds, device, dtype)
@@ -99,6 +99,7 @@ def sample(
     # otherwise rebuild it (make_timesteps) and search it on every step.
     chain = sampler.timesteps(schedule).tolist()
     successors = [*chain[1:], -1]
+    carried: dict = {}  # a multistep sampler's `state`, handed back to its next step (Sampler)
     for t, prev_t in tqdm(list(zip(chain, successors)), desc="sampling", disable=not progress):
         t_batch = torch.full((shape[0],), t, dtype=torch.long, device=device)
         eps = convert_prediction(
@@ -106,5 +107,7 @@ def sample(
         )
         grad = None if cond_fn is None else cond_fn(x, t_batch)
         noise = draw() if sampler.needs_noise(schedule, t, prev_t) else None
-        x = sampler.step(schedule, eps, t, x, noise, grad=grad, prev_t=prev_t)["prev_sample"]
+        out = sampler.step(schedule, eps, t, x, noise, grad=grad, prev_t=prev_t, **carried)
+        x = out["prev_sample"]
+        carried = {"state": out["state"]} if "state" in out else {}
     return x

@@ -145,3 +145,12 @@ def test_experiment_stage_settings_reach_their_stage_only_and_the_command_line_w
     cli = compose_cfg("train", [*ldm, "stage=autoencoder", "trainer.max_steps=7", "stage.module.optimizer.lr=0.1"])
     assert cli.trainer.max_steps == 7 and cli.stage.module.optimizer.lr == 0.1
     assert compose_cfg("train", [*ldm, "stage=diffusion", "debug=fdr"]).trainer.fast_dev_run
+
+
+@pytest.mark.parametrize("sampler", options("sampler"))
+def test_every_sampler_composes_and_instantiates(sampler):
+    """Each conf/sampler option, as the evaluation's sampler and as the training grids' one."""
+    cfg = compose_cfg("evaluate", [f"sampler={sampler}"])
+    assert type(instantiate(resolve(cfg)["sampler"])).__module__ == "lightning_modules.diffusion.samplers"
+    train = compose_cfg("train", ["stage=diffusion", f"sampler@stage.module.sampler={sampler}"])
+    resolve(train)

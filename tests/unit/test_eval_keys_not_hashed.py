@@ -31,7 +31,8 @@ EVAL_OVERRIDES = [
     "reference.cache_dir=/tmp/stats", "distributed.gather_timeout_s=10", "distributed.poll_s=1",
     "model/features=inception", "model.features.checkpoint_path=/x.ckpt", "checkpoints.diffusion=/x.ckpt",
     "checkpoints.autoencoder=/x.ckpt", "perceptual_feature_net=/x.ckpt", "budget=quick",
-    "job.name=other",
+    "job.name=other", "sampler=dpmpp_2m", ("sampler=dpmpp_2m", "sampler.final_sigmas_type=sigma_min"),
+    "sweep.samplers=[ddim,dpmpp_2m]", "sweep.steps=[5,10]", "sweep.spacing=trailing", "sweep.best_scale_from=cfg",
 ]  # fmt: skip
 # Top-level keys both roots have on purpose (not evaluation settings, or unhashed like tags and force).
 SHARED = {"paths", "data", "model", "logger", "experiment_name", "run_name", "seed", "tags", "force", "job"}

@@ -224,7 +224,7 @@ class CountingGenerator:
     def fingerprint(self, setting) -> dict:
         return {"generator": self.tag}
 
-    def describe(self) -> dict:
+    def describe(self, setting=None) -> dict:
         return {"sampler": "Fake", "num_steps": 1}
 
     def __call__(self, setting, labels, seeds):
