@@ -15,11 +15,11 @@ from core.io import atomic_write_json
 from pipeline.builders import (
     TrainTime,
     build_trainer,
-    resume_checkpoint,
     stage_hash,
     supersede_stale,
     upstream_dirs,
 )
+from pipeline.checkpoints import resume_checkpoint
 from pipeline.common import read_done, save_config, write_done
 from pipeline.placeholders import substitute_missing_upstream
 from pipeline.preemption import Preempted, requeue_job
@@ -40,10 +40,11 @@ def train(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.stage.seed, workers=True)
     datamodule = instantiate(cfg.data.datamodule)
     module = instantiate(cfg.stage.module)
+    module.nonfinite_tolerance = int(cfg.nonfinite_tolerance)  # the non-finite guard (lightning_modules/base.py)
     trainer = build_trainer(cfg, stage_dir, chash)
     if trainer.is_global_zero:
         save_config(cfg, stage_dir / "config.yaml")
-    ckpt = resume_checkpoint(stage_dir)
+    ckpt = resume_checkpoint(stage_dir, cfg.stage.dir_name)
     if ckpt:
         print(f"[train] {cfg.stage.dir_name}: resuming from {ckpt}")
     try:
