@@ -120,6 +120,19 @@ def resume_checkpoint(stage_dir: str | os.PathLike, stage: str = "") -> str | No
     return None
 
 
+def out_of_space(exc: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT OSError behind `exc`, if any. torch.save into a file object reports a failed
+    write as a RuntimeError ("unexpected pos ...") whose context is the OSError, so the chain is searched."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 class DurableCheckpointIO(TorchCheckpointIO):
     """torch.save through `core.io.atomic_open` (a killed job never leaves half a .ckpt; file and directory
     fsynced), keeping the replaced `last.ckpt` as `prev.ckpt`, and pruning `stage_dir`'s older
@@ -144,8 +157,9 @@ class DurableCheckpointIO(TorchCheckpointIO):
                     f.flush()
                     os.fsync(f.fileno())
                     os.replace(path, path.with_name(PREV))
-        except OSError as err:
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        except Exception as exc:
+            err = out_of_space(exc)
+            if err is None:
                 raise
             kept = [str(p) for p in (path, path.with_name(PREV)) if p.is_file()]
             raise OSError(err.errno, (
