@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import REPO, cli_env
+from tests.tiny_checkpoints import write_autoencoder, write_upstream_run
 
 INJECT = Path(__file__).resolve().parent / "inject"
 
@@ -22,3 +23,11 @@ def train_with_fault(*overrides: str, timeout: int = 900, **fault: str) -> subpr
 
 def output(proc: subprocess.CompletedProcess) -> str:
     return f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+
+
+def write_upstream(stage: str, run_dir: Path) -> None:
+    """Tiny final.ckpt files of the stages `stage` (diffusion or classifier) reads, under `run_dir`."""
+    if stage == "diffusion":
+        write_autoencoder(run_dir / "autoencoder" / "checkpoints" / "final.ckpt")
+    else:
+        write_upstream_run(run_dir)
