@@ -117,6 +117,7 @@ def build_callbacks(cfg: DictConfig, stage_dir: Path) -> list[Callback]:
             save_last=True,
             every_n_train_steps=cfg.stage.checkpoint_every_n_steps,
             auto_insert_metric_name=False,
+            save_on_exception=False,  # a stopped run (NaN, full disk) never overwrites the last good checkpoint
         ),
         TQDMProgressBar(refresh_rate=cfg.progress_refresh_rate),
         TrainTime(),

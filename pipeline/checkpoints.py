@@ -92,7 +92,12 @@ def resume_candidates(stage_dir: str | os.PathLike) -> list[Path]:
     """`last.ckpt`, `prev.ckpt` and `hpc_ckpt_*.ckpt` of the stage, newest (by modification time) first."""
     stage_dir = Path(stage_dir)
     found = [stage_dir / "checkpoints" / LAST, stage_dir / "checkpoints" / PREV, *hpc_checkpoints(stage_dir)]
-    existing = [(p.stat().st_mtime, p) for p in found if p.is_file()]
+    existing = []
+    for p in found:
+        try:
+            existing.append((p.stat().st_mtime, p))
+        except FileNotFoundError:  # absent, or moved aside by rank 0 meanwhile
+            continue
     return [p for _, p in sorted(existing, key=lambda e: e[0], reverse=True)]
 
 
