@@ -18,6 +18,7 @@ candidate that loads with `torch.load(weights_only=True)`, printing each one it 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import os
@@ -42,16 +43,19 @@ class BadCheckpointError(ValueError):
     """A checkpoint file that cannot be resumed from (truncated, not a checkpoint, unsafe to unpickle)."""
 
 
+def _numbered_hpc(stage_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    found = [(int(m.group(1)), p) for p in Path(stage_dir).glob(HPC_GLOB) if (m := HPC_RE.fullmatch(p.name))]
+    return sorted(found)
+
+
 def hpc_checkpoints(stage_dir: str | os.PathLike) -> list[Path]:
     """`stage_dir`'s `hpc_ckpt_<n>.ckpt` files, by n."""
-    found = [(int(m.group(1)), p) for p in Path(stage_dir).glob(HPC_GLOB) if (m := HPC_RE.fullmatch(p.name))]
-    return [p for _, p in sorted(found)]
+    return [p for _, p in _numbered_hpc(stage_dir)]
 
 
 def next_hpc_path(stage_dir: str | os.PathLike) -> Path:
     """Where the next preemption checkpoint goes: `hpc_ckpt_<n + 1>.ckpt` after the highest n present."""
-    numbers = [int(HPC_RE.fullmatch(p.name).group(1)) for p in hpc_checkpoints(stage_dir)]  # type: ignore[union-attr]
-    return Path(stage_dir) / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+    return Path(stage_dir) / f"hpc_ckpt_{max((n for n, _ in _numbered_hpc(stage_dir)), default=0) + 1}.ckpt"
 
 
 def prune_hpc_checkpoints(stage_dir: str | os.PathLike, keep: str | os.PathLike | None = None) -> list[Path]:
@@ -117,9 +121,12 @@ def resume_checkpoint(stage_dir: str | os.PathLike, stage: str = "") -> str | No
         try:
             check_checkpoint(path)
         except BadCheckpointError as err:
-            print(f"{label}cannot resume from {path}: {err}; trying the previous checkpoint", flush=True)
             if env_rank() == 0:
-                os.replace(path, path.with_name(path.name + CORRUPT_SUFFIX))
+                aside = path.with_name(path.name + CORRUPT_SUFFIX)
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(path, aside)
+                print(f"{label}cannot resume from {path}: {err}; moved it to {aside}, trying the previous checkpoint",
+                      flush=True)  # fmt: skip
             continue
         return str(path)
     return None
