@@ -26,7 +26,9 @@ def output(proc: subprocess.CompletedProcess) -> str:
 
 
 def write_upstream(stage: str, run_dir: Path) -> None:
-    """Tiny final.ckpt files of the stages `stage` (diffusion or classifier) reads, under `run_dir`."""
+    """Tiny final.ckpt files of the stages `stage` (feature_net, diffusion or classifier) reads, under `run_dir`."""
+    if stage == "feature_net":
+        return
     if stage == "diffusion":
         write_autoencoder(run_dir / "autoencoder" / "checkpoints" / "final.ckpt")
     else:

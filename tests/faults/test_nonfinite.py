@@ -17,7 +17,9 @@ from tests.conftest import tiny_overrides
 from tests.faults.injection import output, train_with_fault, write_upstream
 
 NETS = {"diffusion": ("lightning_modules.nets.unet:UNet", "diffusion_loss"),
-        "classifier": ("lightning_modules.nets.classifier:NoisyLatentClassifier", "cross_entropy")}  # fmt: skip
+        "classifier": ("lightning_modules.nets.classifier:NoisyLatentClassifier", "cross_entropy"),
+        "feature_net": ("lightning_modules.nets.feature_net:FeatureNet", "cross_entropy")}  # fmt: skip
+DIRS = {"feature_net": "feature_net_eval"}  # the others: the stage name
 
 
 def run_with_nan(stage: str, data: Path, runs: Path, *extra: str):
@@ -28,13 +30,13 @@ def run_with_nan(stage: str, data: Path, runs: Path, *extra: str):
                             FAULT_NAN_FORWARD=net, FAULT_NAN_CALL="4")  # fmt: skip
 
 
-@pytest.mark.parametrize("stage", ["diffusion", "classifier"])
+@pytest.mark.parametrize("stage", ["diffusion", "classifier", "feature_net"])
 def test_nan_loss_stops_the_stage_naming_step_and_term_and_keeps_the_last_checkpoint(stage, tiny_data, tmp_path):
     proc = run_with_nan(stage, tiny_data, tmp_path)
     assert proc.returncode != 0, output(proc)
     term = NETS[stage][1]
     assert "non-finite loss term(s) at step 3" in proc.stderr and f"'{term}': nan" in proc.stderr, output(proc)
-    stage_dir = tmp_path / "default" / "fashion_mnist" / stage
+    stage_dir = tmp_path / "default" / "fashion_mnist" / DIRS.get(stage, stage)
     assert not (stage_dir / "DONE").exists()
     assert not (stage_dir / "checkpoints" / "final.ckpt").exists()
     last = torch.load(stage_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

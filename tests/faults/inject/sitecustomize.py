@@ -60,8 +60,9 @@ def _install_nan_forward(spec: str, call: int) -> None:
         out = real_forward(self, *args, **kwargs)
         if self.training and torch.is_grad_enabled():
             _counts["forward"] += 1
-            if _counts["forward"] == call:
-                out = out * float("nan")
+            if _counts["forward"] == call:  # a tensor, or a dict holding one as "logits" (FeatureNet)
+                nan = float("nan")
+                out = {**out, "logits": out["logits"] * nan} if isinstance(out, dict) else out * nan
         return out
 
     cls.forward = forward
