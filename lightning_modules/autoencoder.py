@@ -47,10 +47,6 @@ FROZEN_PREFIXES = ("loss.perceptual.",)
 PERCEPTUAL_ROLE = "perceptual"
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or infinite; training stops before the bad update is applied."""
-
-
 # --- frozen networks from the feature_net stage ----------------------------------------------------
 
 
@@ -296,7 +292,8 @@ class AutoencoderModule(StageModule):
             x, recons, posterior, step, self.autoencoder.last_layer, self.discriminator
         )
         self.untoggle_optimizer(opt_g)
-        self._raise_if_nonfinite(logs_g, "autoencoder")
+        if not self.finite_or_skip(logs_g, "autoencoder"):
+            return
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss_g + self._ddp_touch(self.discriminator.parameters()))
         self._clip(opt_g)
@@ -313,7 +310,8 @@ class AutoencoderModule(StageModule):
         self.toggle_optimizer(opt_d)
         loss_d, logs_d = self.loss.discriminator_loss(x, recons, step, self.discriminator)
         self.untoggle_optimizer(opt_d)
-        self._raise_if_nonfinite(logs_d, "discriminator")
+        if not self.finite_or_skip(logs_d, "discriminator"):
+            return
         opt_d.zero_grad(set_to_none=True)
         generator_params = [*self.autoencoder.parameters(), *self.loss.generator_parameters()]
         self.manual_backward(loss_d + self._ddp_touch(generator_params))
@@ -341,20 +339,6 @@ class AutoencoderModule(StageModule):
     def _clip(self, optimizer) -> None:
         if self.hparams.grad_clip_norm:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip_norm, gradient_clip_algorithm="norm")
-
-    def _raise_if_nonfinite(self, logs: dict[str, Tensor], which: str) -> None:
-        """Stop (on every rank at once) when a loss term is NaN/inf, naming the step and the terms."""
-        names = list(logs)
-        bad = torch.stack([~torch.isfinite(logs[n]) for n in names]).float()
-        if isinstance(self.trainer.model, DistributedDataParallel):
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        if bool(bad.any()):
-            terms = {n: float(logs[n]) for n, b in zip(names, bad.tolist()) if b}
-            raise NonFiniteLossError(
-                f"non-finite {which} loss term(s) at step {self.global_step}: {terms} (values on rank "
-                f"{self.global_rank}). The update was not applied; the last checkpoint is from before. Lower the "
-                "learning rate, set stage.module.grad_clip_norm, or use trainer.precision=32-true."
-            )
 
     def on_train_epoch_end(self) -> None:
         self.log_data_health()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -11,14 +11,25 @@ import torch
 from core.io import plain_container
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; training stops before the bad update is applied."""
+
+
 class StageModule(pl.LightningModule):
     """Base class of the stage modules.
 
     Subclasses put what the next stage needs to rebuild their networks without a config into
     `artifacts()`; it is stored at the top level of every checkpoint (`final.ckpt` included).
+
+    Every stage passes its loss terms through `finite_or_skip` before the optimiser step (the non-finite
+    guard, docs/ARCHITECTURE.md "Checkpoints"). `nonfinite_tolerance` (set by `pipeline.train` from the
+    config's `nonfinite_tolerance`) is how many such batches a run may skip before it stops.
     """
 
     stage_name: str = "stage"
+    nonfinite_tolerance: int = 0
+    nonfinite_skipped: int = 0  # batches skipped so far in this process
+    skipped_batch: bool = False  # the last batch's update was skipped (the EMA must not count it)
 
     def artifacts(self) -> dict[str, Any]:
         return {}
@@ -31,6 +42,37 @@ class StageModule(pl.LightningModule):
         if "hyper_parameters" in checkpoint:
             checkpoint["hyper_parameters"] = plain_container(checkpoint["hyper_parameters"])
         checkpoint.pop("hparams_type", None)
+
+    def finite_or_skip(self, terms: Mapping[str, torch.Tensor], which: str = "loss") -> bool:
+        """True when every loss term is finite on every rank. Otherwise the update must not be applied: False
+        (skip this batch, logged as `train/nonfinite_skipped` and a printed line) while at most
+        `nonfinite_tolerance` batches were skipped, else NonFiniteLossError naming the step and the terms.
+
+        Call it on every rank at the same point (the flags are summed over ranks, so all decide alike).
+        """
+        names = list(terms)
+        bad = torch.stack([~torch.isfinite(terms[n].detach()).all() for n in names]).float()
+        if self._trainer is not None:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        self.skipped_batch = bool(bad.any())
+        if not self.skipped_batch:
+            return True
+        values = {n: float(terms[n].detach().float().mean()) for n, b in zip(names, bad.tolist(), strict=True) if b}
+        what = f"non-finite {which} term(s) at step {self.global_step}: {values} (values on rank {self.global_rank})"
+        self.nonfinite_skipped += 1
+        if self.nonfinite_skipped > self.nonfinite_tolerance:
+            raise NonFiniteLossError(
+                f"{what}. The update was not applied and no checkpoint is written after it: the last checkpoint is "
+                f"from before ({self.nonfinite_skipped - 1} bad batch(es) skipped, nonfinite_tolerance="
+                f"{self.nonfinite_tolerance}). Lower the learning rate, clip gradients, use trainer.precision="
+                "32-true, or allow a few bad batches with nonfinite_tolerance=K; then run the stage again to resume."
+            )
+        if self.global_rank == 0:
+            print(f"[train] {what}: batch skipped ({self.nonfinite_skipped}/{self.nonfinite_tolerance} allowed)",
+                  flush=True)  # fmt: skip
+        if self._trainer is not None:
+            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
+        return False
 
     def log_data_health(self) -> None:
         """Log how many corrupt samples the data pipeline has skipped so far (summed over ranks)."""

@@ -204,17 +204,23 @@ class ClassifierModule(StageModule):
         return self.net(z_t, t)
 
     # --- training ----------------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         z_t, t, labels = self.noisy_batch(batch)
         logits = self.net(z_t, t)
         loss = F.cross_entropy(logits, labels)
+        if not self.finite_or_skip({"cross_entropy": loss}):
+            return None  # no backward, no update
         self.train_metrics.update(logits.detach(), labels, t)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", (logits.argmax(-1) == labels).float().mean(), prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Step, then update the EMA, as the diffusion stage does: here (not in on_train_batch_end, which runs
+        after the checkpoint callback) the EMA saved with step N has seen exactly N updates. A batch the
+        non-finite guard skipped changed no weight and is not counted."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None and not self.skipped_batch:
             self.ema.update(self.net)
 
     def on_train_epoch_end(self) -> None:

@@ -167,7 +167,7 @@ class DiffusionModule(StageModule):
         t = torch.randint(0, self.schedule.num_timesteps, (z0.shape[0],), generator=generator, device=z0.device)
         return t, torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         rng = self._generator()
         z0 = self.encode_latents(batch, rng)
         t, noise = self.draw_timesteps_and_noise(z0, rng)
@@ -176,6 +176,8 @@ class DiffusionModule(StageModule):
         per_sample = diffusion_loss(self.unet, self.schedule, self.hparams.prediction_type, z0, t, noise,
                                     context, mask, self.hparams.min_snr_gamma)  # fmt: skip
         loss = per_sample.mean()
+        if not self.finite_or_skip({"diffusion_loss": loss}):
+            return None  # no backward, no update
         self.log("train/loss", loss, prog_bar=True)
         self._log_buckets("train", per_sample.detach(), t)
         if self._trainer is not None and self.lr_schedulers() is not None:
@@ -194,8 +196,11 @@ class DiffusionModule(StageModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Step, then update the EMA: here (not in on_train_batch_end, which runs after the checkpoint
         callback) the EMA saved with step N has seen exactly N updates, so a resumed run continues it exactly.
-        Called once per optimiser step, so gradient accumulation does not over-count."""
+        Called once per optimiser step, so gradient accumulation does not over-count. A batch the non-finite
+        guard skipped changed no weight and is not counted."""
         super().optimizer_step(*args, **kwargs)
+        if self.skipped_batch:
+            return
         self.ema.update(self.unet)
         if self.conditioner_ema is not None:
             self.conditioner_ema.update(self.conditioner)

@@ -72,10 +72,12 @@ class FeatureNetModule(StageModule):
     def forward(self, x: torch.Tensor) -> dict:
         return self.net(self._input(x))
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         x = random_shift(batch["image"], self.hparams.max_shift)
         logits = self(x)["logits"]
         loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
+        if not self.finite_or_skip({"cross_entropy": loss}):
+            return None  # no backward, no update
         self.train_acc(logits, batch["label"])
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, prog_bar=True)

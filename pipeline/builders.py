@@ -11,15 +11,14 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytorch_lightning as pl
-import torch
 from hydra.utils import instantiate
 from lightning_fabric.plugins.environments import SLURMEnvironment
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
 from core.dist import env_rank
-from core.io import atomic_open, atomic_write_json, config_hash, fsync_dir, read_json
+from core.io import atomic_write_json, config_hash, fsync_dir, read_json
+from pipeline.checkpoints import DurableCheckpointIO
 from pipeline.common import read_done, scrub_secrets
 from pipeline.preemption import SlurmRequeue
 
@@ -28,14 +27,6 @@ from pipeline.preemption import SlurmRequeue
 VOLATILE_TRAINER_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "enable_progress_bar",
                          "default_root_dir", "log_every_n_steps", "plugins")  # fmt: skip
 VOLATILE_DATA_KEYS = ("num_workers",)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save through `core.io.atomic_open`: a killed job never leaves half a .ckpt."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
-        with atomic_open(path, "wb") as f:  # fsyncs the file and its directory
-            torch.save(checkpoint, f)
 
 
 class TrainTime(Callback):
@@ -144,6 +135,7 @@ def build_callbacks(cfg: DictConfig, stage_dir: Path) -> list[Callback]:
             save_last=True,
             every_n_train_steps=cfg.stage.checkpoint_every_n_steps,
             auto_insert_metric_name=False,
+            save_on_exception=False,  # a stopped run (NaN, full disk) never overwrites the last good checkpoint
         ),
         TQDMProgressBar(refresh_rate=cfg.progress_refresh_rate),
         TrainTime(),
@@ -169,7 +161,7 @@ def quiet_intended_warnings() -> None:
 
 def build_trainer(cfg: DictConfig, stage_dir: Path, chash: str) -> pl.Trainer:
     quiet_intended_warnings()
-    plugins: list[Any] = [AtomicCheckpointIO()]
+    plugins: list[Any] = [DurableCheckpointIO(stage_dir)]
     callbacks = build_callbacks(cfg, stage_dir)
     if SLURMEnvironment.detect():
         # A task under srun: ranks from srun's environment as before, but Lightning's own USR1 handler
@@ -183,13 +175,6 @@ def build_trainer(cfg: DictConfig, stage_dir: Path, chash: str) -> pl.Trainer:
         logger=build_loggers(cfg, chash) or False,
         plugins=plugins,
     )
-
-
-def resume_checkpoint(stage_dir: Path) -> str | None:
-    """The newest of `checkpoints/last.ckpt` and SLURM's `hpc_ckpt_*.ckpt` (written on preemption)."""
-    candidates = [stage_dir / "checkpoints" / "last.ckpt", *stage_dir.glob("hpc_ckpt_*.ckpt")]
-    existing = [p for p in candidates if p.exists()]
-    return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
 
 
 SUPERSEDED_PREFIX = "checkpoints.superseded-"

@@ -10,13 +10,13 @@ Here the handler only sets a flag. Every `check_every_n_steps` optimizer steps a
 with one all-reduce (`reduce_boolean_decision`) at the same step boundary, save the checkpoint together,
 and raise `Preempted` on every rank (no validation, no further collectives); `pipeline.train` catches it,
 rank 0 runs `scontrol requeue`, and the stage exits without testing or writing DONE. The requeued job
-resumes from the newest checkpoint (`resume_checkpoint`).
+resumes from the newest checkpoint that loads (`pipeline.checkpoints.resume_checkpoint`); the trainer's
+`DurableCheckpointIO` deletes the older `hpc_ckpt_*` once a newer checkpoint is saved.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import threading
@@ -25,6 +25,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
+
+from pipeline.checkpoints import next_hpc_path
 
 
 class Preempted(Exception):
@@ -80,9 +82,7 @@ class SlurmRequeue(Callback):
         # Every rank reaches this line at the same step, so the all-reduce inside is matched.
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return
-        numbers = [int(m.group(1)) for p in self.checkpoint_dir.glob("hpc_ckpt_*.ckpt")
-                   if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]  # fmt: skip
-        path = self.checkpoint_dir / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+        path = next_hpc_path(self.checkpoint_dir)
         trainer.save_checkpoint(path)  # collective-safe: all ranks are here
         if trainer.is_global_zero:
             print(f"[preemption] signal {self.signum} at step {trainer.global_step}: saved {path}; stopping", flush=True)

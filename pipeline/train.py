@@ -14,11 +14,11 @@ from core.io import atomic_write_json
 from pipeline.builders import (
     TrainTime,
     build_trainer,
-    resume_checkpoint,
     stage_hash,
     supersede_stale,
     upstream_dirs,
 )
+from pipeline.checkpoints import resume_checkpoint
 from pipeline.common import finished, read_done, save_config, write_done
 from pipeline.config_checks import TRAIN_RULES, ConfigError, build_or_explain, check_config, check_trainer
 from pipeline.placeholders import substitute_missing_upstream
@@ -55,10 +55,11 @@ def train(cfg: DictConfig) -> dict:
     supersede_stale(stage_dir, chash, force=cfg.force)
     if done := done_already(cfg, stage_dir, chash):
         return done
+    module.nonfinite_tolerance = int(cfg.nonfinite_tolerance)  # the non-finite guard (lightning_modules/base.py)
     trainer = build_trainer(cfg, stage_dir, chash)
     if trainer.is_global_zero:
         save_config(cfg, stage_dir / "config.yaml")
-    ckpt = resume_checkpoint(stage_dir)
+    ckpt = resume_checkpoint(stage_dir, cfg.stage.dir_name)
     if ckpt:
         print(f"[train] {cfg.stage.dir_name}: resuming from {ckpt}")
     try:

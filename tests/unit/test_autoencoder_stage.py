@@ -26,12 +26,12 @@ from lightning_modules.artifacts import (
 )
 from lightning_modules.autoencoder import (
     AutoencoderModule,
-    NonFiniteLossError,
     check_precision,
     domain_perceptual,
     latent_moments,
     scale_from_moments,
 )
+from lightning_modules.base import NonFiniteLossError
 from lightning_modules.nets.autoencoder import AutoencoderKL
 from lightning_modules.nets.discriminator import PatchDiscriminator
 from lightning_modules.nets.feature_net import FeatureNet
