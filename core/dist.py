@@ -1,8 +1,10 @@
-"""Rank and world size from the launcher's environment, before any process group exists."""
+"""Rank and world size from the launcher's environment, before any process group exists; and, for code that
+runs once it exists, the group's ranks and a barrier."""
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import NamedTuple
 
 
@@ -59,3 +61,58 @@ def dist_env() -> DistEnv:
 def env_rank() -> int:
     """The global rank (see `dist_env`)."""
     return dist_env().rank
+
+
+def exact_dist_env() -> DistEnv:
+    """`dist_env()` for code that splits work by rank (the evaluation's batches): an environment whose exact
+    rank `dist_env` cannot know (a process off node 0 without RANK or LOCAL_WORLD_SIZE) is refused, since
+    that process would draw another rank's share and leave its own undone."""
+    env = dist_env()
+    if not 0 <= env.rank < env.world:
+        names = ("NODE_RANK", "GROUP_RANK", "LOCAL_RANK", "WORLD_SIZE")
+        launch = {k: os.environ[k] for k in names if k in os.environ}
+        raise ValueError(
+            f"cannot tell this process's rank from {launch}: set RANK and WORLD_SIZE for each process (torchrun "
+            "and srun do), or LOCAL_WORLD_SIZE (processes per node) with NODE_RANK and LOCAL_RANK"
+        )
+    return env
+
+
+def group_rank_world() -> tuple[int, int]:
+    """(rank, world size) for code that waits on the other ranks (`barrier`): the initialised default
+    torch.distributed process group's, else (0, 1) for a lone process. An environment of several processes
+    (`dist_env`) without an initialised group is refused: there would be no way to wait for the others."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        return td.get_rank(), td.get_world_size()
+    env = dist_env()
+    if env.world > 1:
+        raise RuntimeError(
+            f"this process is one of {env.world} (launcher environment) but no torch.distributed process group "
+            "is initialised: run this inside the Lightning run (the DataModule's setup) or after "
+            "torch.distributed.init_process_group, or from a single process"
+        )
+    return 0, 1
+
+
+BARRIER_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def barrier(timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """Wait until every rank of the default process group gets here; a no-op without one.
+
+    On a gloo group of its own with a long timeout, as Lightning's barrier around `prepare_data`: a CPU-side
+    wait that needs no device (NCCL) and does not time out where ranks finish unevenly long jobs (the
+    default group's timeout is 30 minutes). Every rank must call it at the same point (creating the group is
+    a collective).
+    """
+    import torch.distributed as td
+
+    if not (td.is_available() and td.is_initialized()):
+        return
+    group = td.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    try:
+        td.barrier(group=group)
+    finally:
+        td.destroy_process_group(group)

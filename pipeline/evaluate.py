@@ -15,7 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from core.dist import dist_env
+from core.dist import exact_dist_env
 from datamodules.shards import manifest_hash
 from eval.checks import check_data_compatible
 from eval.features import reference_statistics
@@ -109,7 +109,7 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     """Run (or with report_only, merge) the sweep; rank 0 writes results + report.md and returns the rows."""
     start = time.time()
     sweep_dir = Path(cfg.sweep_dir)
-    rank, world, local_rank = dist_env()
+    rank, world, local_rank = exact_dist_env()
     sweep_hash = None
     if not cfg.report_only:
         job = build_job(cfg, rank, world, local_rank)
