@@ -3,7 +3,9 @@ runs once it exists, the group's ranks and a barrier."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import NamedTuple
 
@@ -96,23 +98,27 @@ def group_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-BARRIER_TIMEOUT_S = 7 * 24 * 3600.0
+BARRIER_TIMEOUT_S = 24 * 3600.0
 
 
-def barrier(timeout_s: float = BARRIER_TIMEOUT_S) -> None:
-    """Wait until every rank of the default process group gets here; a no-op without one.
+@contextlib.contextmanager
+def rank_barrier(timeout_s: float = BARRIER_TIMEOUT_S) -> Iterator[Callable[[], None]]:
+    """A `wait()` that returns once every rank of the default process group has called it (a no-op without
+    an initialised group); every rank must enter the context at the same point (making the group is a
+    collective) and call `wait` the same number of times.
 
-    On a gloo group of its own with a long timeout, as Lightning's barrier around `prepare_data`: a CPU-side
-    wait that needs no device (NCCL) and does not time out where ranks finish unevenly long jobs (the
-    default group's timeout is 30 minutes). Every rank must call it at the same point (creating the group is
-    a collective).
+    The wait runs on a gloo group of its own, as Lightning's barrier around `prepare_data`: it needs no device
+    (NCCL) and has its own timeout, long because ranks may finish unevenly long jobs (the default group's is
+    30 minutes). The group is made on entry, while every rank is alive: a rank that dies later closes its
+    connections, and the others' wait fails at once ("Connection closed by peer") instead of at the timeout.
     """
     import torch.distributed as td
 
     if not (td.is_available() and td.is_initialized()):
+        yield lambda: None
         return
     group = td.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     try:
-        td.barrier(group=group)
+        yield lambda: td.barrier(group=group)
     finally:
         td.destroy_process_group(group)

@@ -30,7 +30,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from core.dist import barrier, group_rank_world
+from core.dist import group_rank_world, rank_barrier
 from core.io import atomic_open, atomic_write_json, config_hash, read_json, remove_stale_temps, sha256_file
 from datamodules.shards import MANIFEST, load_manifest
 from datamodules.webdata import WebDataModule, raise_naming_shard, urls_for
@@ -165,30 +165,30 @@ def ensure_latent_cache(
         (cache_dir / MANIFEST).unlink(missing_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     codec.to(device)
-    encoded, kept = [], []
-    mine = urls[rank::world]
-    for url in tqdm(mine, desc="latent cache", unit="shard", disable=not progress or rank != 0):
-        name = Path(url).name
-        record = _intact_record(cache_dir, name, identity_hash, old_entries.get(name))
-        if record is None:
-            record = _encode(codec, dm, url, cache_dir, identity_hash, batch_size, torch.device(device),
-                             np.dtype(dtype))  # fmt: skip
-            encoded.append(name)
-        else:
-            kept.append(name)
-        if read_json(_record_path(cache_dir, name)) != record:
-            atomic_write_json(_record_path(cache_dir, name), record)
-    log.info("latent cache %s: rank %d/%d encoded %d shards [%s], kept %d [%s]", cache_dir, rank, world,
-             len(encoded), " ".join(encoded), len(kept), " ".join(kept))  # fmt: skip
-    barrier()
-    if rank == 0:
-        # every rank is past its writes: what temp files remain are those of killed writes
-        for name in [*names, *(n + RECORD_SUFFIX for n in names), MANIFEST]:
-            remove_stale_temps(cache_dir / name)
-        manifest = _manifest_from_records(cache_dir, names, identity, identity_hash, codec.latent_channels)
-        if manifest != old:
-            atomic_write_json(cache_dir / MANIFEST, manifest)
-    barrier()
+    with rank_barrier() as wait:
+        encoded, kept = [], []
+        for url in tqdm(urls[rank::world], desc="latent cache", unit="shard", disable=not progress or rank != 0):
+            name = Path(url).name
+            record = _intact_record(cache_dir, name, identity_hash, old_entries.get(name))
+            if record is None:
+                record = _encode(codec, dm, url, cache_dir, identity_hash, batch_size, torch.device(device),
+                                 np.dtype(dtype))  # fmt: skip
+                encoded.append(name)
+            else:
+                kept.append(name)
+            if read_json(_record_path(cache_dir, name)) != record:
+                atomic_write_json(_record_path(cache_dir, name), record)
+        log.info("latent cache %s: rank %d/%d encoded %d shards [%s], kept %d [%s]", cache_dir, rank, world,
+                 len(encoded), " ".join(encoded), len(kept), " ".join(kept))  # fmt: skip
+        wait()
+        if rank == 0:
+            # every rank is past its writes: the temp files left are those of killed writes
+            for name in [*names, *(n + RECORD_SUFFIX for n in names), MANIFEST]:
+                remove_stale_temps(cache_dir / name)
+            manifest = _manifest_from_records(cache_dir, names, identity, identity_hash, codec.latent_channels)
+            if manifest != old:
+                atomic_write_json(cache_dir / MANIFEST, manifest)
+        wait()
     return load_manifest(cache_dir)
 
 

@@ -1,6 +1,6 @@
 """The latent cache built by several ranks at once (`lightning_modules.latent_cache.ensure_latent_cache`).
 
-Two ranks are two threads here: `group_rank_world` gives each its thread's rank and `barrier` is a
+Two ranks are two threads here: `group_rank_world` gives each its thread's rank and `rank_barrier` waits on a
 `threading.Barrier`, so the protocol (each rank its share of the shards, rank 0 the manifest between two
 barriers) runs as in a real process group (tests/integration/test_multinode.py runs it on two torchrun
 nodes). `_write_latent_shard` is wrapped to record which rank wrote which shard.
@@ -8,6 +8,7 @@ nodes). `_write_latent_shard` is wrapped to record which rank wrote which shard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from pathlib import Path
@@ -47,7 +48,8 @@ def ranks(monkeypatch):
     # raising=False: the code before the distributed cache had neither (every process encoded every shard)
     monkeypatch.setattr(lc, "group_rank_world", lambda: (getattr(local, "rank", 0), getattr(local, "world", 1)),
                         raising=False)  # fmt: skip
-    monkeypatch.setattr(lc, "barrier", lambda: getattr(local, "barrier", lambda: None)(), raising=False)
+    monkeypatch.setattr(lc, "rank_barrier", lambda: contextlib.nullcontext(getattr(local, "barrier", lambda: None)),
+                        raising=False)  # fmt: skip
     return local, writes
 
 
@@ -167,3 +169,51 @@ def test_several_processes_without_a_process_group_are_refused_before_writing(dm
     with pytest.raises(RuntimeError, match="one of 2 .* no torch.distributed process group is initialised"):
         build(tmp_path / "latents", dm, ae_ckpt)
     assert not (tmp_path / "latents").exists()
+
+
+def _barrier_rank(rank: int, port: int, results) -> None:
+    """A process of a 2-rank gloo group: both enter `rank_barrier`, wait once, then rank 1 dies."""
+    import os
+    import time
+
+    import torch.distributed as td
+
+    from core.dist import group_rank_world, rank_barrier
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    td.init_process_group("gloo", rank=rank, world_size=2)
+    with rank_barrier() as wait:
+        wait()
+        if rank == 1:
+            os._exit(3)
+        start = time.monotonic()
+        try:
+            wait()
+            results.put((group_rank_world(), "returned"))
+        except RuntimeError as e:
+            results.put((group_rank_world(), f"raised after {time.monotonic() - start:.0f} s: {e}"))
+
+
+def test_rank_barrier_of_a_real_group_fails_at_once_when_a_rank_dies():
+    """The barrier's timeout is a day; a dead rank is noticed by its closed connections, not by the timeout."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_barrier_rank, args=(r, port, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        (rank_world, outcome) = results.get(timeout=240)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert rank_world == (0, 2)
+    assert outcome.startswith("raised after") and int(outcome.split()[2]) < 60, outcome
+    assert [p.exitcode for p in procs] == [0, 3]
