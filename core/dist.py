@@ -81,7 +81,7 @@ def exact_dist_env() -> DistEnv:
 
 
 def group_rank_world() -> tuple[int, int]:
-    """(rank, world size) for code that waits on the other ranks (`barrier`): the initialised default
+    """(rank, world size) for code that waits on the other ranks (`rank_barrier`): the initialised default
     torch.distributed process group's, else (0, 1) for a lone process. An environment of several processes
     (`dist_env`) without an initialised group is refused: there would be no way to wait for the others."""
     import torch.distributed as td

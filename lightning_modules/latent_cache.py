@@ -212,11 +212,11 @@ class LatentCacheDataModule(WebDataModule):
     """`WebDataModule` that, with `cache_latents`, trains from cached latent shards.
 
     `setup("fit")` encodes the train split with the frozen autoencoder if `cache_dir` holds no matching
-    cache: on every rank, each its share of the shards (`ensure_latent_cache`). Not `prepare_data`: Lightning
-    runs that on one process per node (`prepare_data_per_node=True`) or one in all, never on every rank, and
-    before a barrier only; `setup` runs on every rank once the process group exists. Training then streams the
-    cached moments exactly as the parent streams images (resampled shards, split by node and worker, fixed
-    epoch length). Validation and test still read images. Without `cache_latents` it is the parent unchanged.
+    cache: on every rank, each its share of the shards (`ensure_latent_cache`). Not in `prepare_data`:
+    Lightning runs that on one process per node (`prepare_data_per_node=True`) or on one process in all, never
+    on every rank; `setup` runs on every rank once the process group exists. Training then streams the cached
+    moments exactly as the parent streams images (resampled shards, split by node and worker, fixed epoch
+    length). Validation and test still read images. Without `cache_latents` it is the parent unchanged.
     Random horizontal flips are not applied to cached latents (the cache holds unflipped images).
     """
 
