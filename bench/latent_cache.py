@@ -94,7 +94,7 @@ def main() -> None:
         cached = LatentCacheDataModule(**common, cache_latents=True, cache_dir=str(tmp / "latents"),
                                        autoencoder_checkpoint=str(ckpt))  # fmt: skip
         start = time.perf_counter()
-        cached.prepare_data()
+        cached.build_latent_cache()
         encode_s = time.perf_counter() - start
         results = {"encode on the fly": throughput(module, fly, args.steps, args.warmup),
                    "cached latents": throughput(module, cached, args.steps, args.warmup)}  # fmt: skip

@@ -1,8 +1,12 @@
-"""Rank and world size from the launcher's environment, before any process group exists."""
+"""Rank and world size from the launcher's environment, before any process group exists; and, for code that
+runs once it exists, the group's ranks and a barrier."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import NamedTuple
 
 
@@ -59,3 +63,62 @@ def dist_env() -> DistEnv:
 def env_rank() -> int:
     """The global rank (see `dist_env`)."""
     return dist_env().rank
+
+
+def exact_dist_env() -> DistEnv:
+    """`dist_env()` for code that splits work by rank (the evaluation's batches): an environment whose exact
+    rank `dist_env` cannot know (a process off node 0 without RANK or LOCAL_WORLD_SIZE) is refused, since
+    that process would draw another rank's share and leave its own undone."""
+    env = dist_env()
+    if not 0 <= env.rank < env.world:
+        names = ("NODE_RANK", "GROUP_RANK", "LOCAL_RANK", "WORLD_SIZE")
+        launch = {k: os.environ[k] for k in names if k in os.environ}
+        raise ValueError(
+            f"cannot tell this process's rank from {launch}: set RANK and WORLD_SIZE for each process (torchrun "
+            "and srun do), or LOCAL_WORLD_SIZE (processes per node) with NODE_RANK and LOCAL_RANK"
+        )
+    return env
+
+
+def group_rank_world() -> tuple[int, int]:
+    """(rank, world size) for code that waits on the other ranks (`rank_barrier`): the initialised default
+    torch.distributed process group's, else (0, 1) for a lone process. An environment of several processes
+    (`dist_env`) without an initialised group is refused: there would be no way to wait for the others."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        return td.get_rank(), td.get_world_size()
+    env = dist_env()
+    if env.world > 1:
+        raise RuntimeError(
+            f"this process is one of {env.world} (launcher environment) but no torch.distributed process group "
+            "is initialised: run this inside the Lightning run (the DataModule's setup) or after "
+            "torch.distributed.init_process_group, or from a single process"
+        )
+    return 0, 1
+
+
+BARRIER_TIMEOUT_S = 24 * 3600.0
+
+
+@contextlib.contextmanager
+def rank_barrier(timeout_s: float = BARRIER_TIMEOUT_S) -> Iterator[Callable[[], None]]:
+    """A `wait()` that returns once every rank of the default process group has called it (a no-op without
+    an initialised group); every rank must enter the context at the same point (making the group is a
+    collective) and call `wait` the same number of times.
+
+    The wait runs on a gloo group of its own, as Lightning's barrier around `prepare_data`: it needs no device
+    (NCCL) and has its own timeout, long because ranks may finish unevenly long jobs (the default group's is
+    30 minutes). The group is made on entry, while every rank is alive: a rank that dies later closes its
+    connections, and the others' wait fails at once ("Connection closed by peer") instead of at the timeout.
+    """
+    import torch.distributed as td
+
+    if not (td.is_available() and td.is_initialized()):
+        yield lambda: None
+        return
+    group = td.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    try:
+        yield lambda: td.barrier(group=group)
+    finally:
+        td.destroy_process_group(group)

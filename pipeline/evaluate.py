@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from core.dist import dist_env
+from core.dist import exact_dist_env
 from core.io import read_json
 from datamodules.shards import manifest_hash
 from eval.checks import check_data_compatible
@@ -184,7 +184,7 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     start = time.time()
     sweep_dir = Path(cfg.sweep_dir)
     check_config(cfg, EVALUATE_RULES, where=str(sweep_dir))
-    rank, world, local_rank = dist_env()
+    rank, world, local_rank = exact_dist_env()
     sweep_hash = None
     if not cfg.report_only:
         job = build_job(cfg, rank, world, local_rank)

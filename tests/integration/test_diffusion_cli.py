@@ -80,7 +80,7 @@ def test_fast_dev_run(tiny_data, runs, conditioner):
 
 @pytest.mark.slow
 def test_ddp_cpu_two_processes(tiny_data, runs):
-    # with the latent cache: rank 0 encodes it in prepare_data while rank 1 waits, then both stream it
+    # with the latent cache: each rank encodes half of the shards in setup, then both stream it
     train_diffusion(tiny_data, runs, "diffusion_ddp", "trainer=ddp_cpu", "debug=limit", "stage.cache_latents=true",
                     timeout=900)  # fmt: skip
     stage = runs / RUN / "diffusion_ddp"
