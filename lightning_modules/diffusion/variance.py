@@ -155,6 +155,11 @@ class VarianceTables:
 
 
 @lru_cache(maxsize=16)
+def _full_chain_cached(schedule: NoiseSchedule) -> VarianceTables:
+    return VarianceTables.of_schedule(schedule)
+
+
+@lru_cache(maxsize=16)
 def _respaced_cached(schedule: NoiseSchedule, timesteps: tuple[int, ...]) -> VarianceTables:
     return VarianceTables.respaced(schedule, list(timesteps))
 
@@ -211,7 +216,7 @@ def hybrid_vlb_term(
     (B, C, ...) variance channels; t: long (B,) training timesteps. Computed in float32.
     """
     pred_x0 = convert_prediction(schedule, pred.detach().float(), x_t.float(), t, prediction_type, "x0")
-    vb = vb_terms_bpd(VarianceTables.of_schedule(schedule), x0.float(), x_t.float(), t, pred_x0, values.float())
+    vb = vb_terms_bpd(_full_chain_cached(schedule), x0.float(), x_t.float(), t, pred_x0, values.float())
     return vlb_weight * schedule.num_timesteps * vb
 
 

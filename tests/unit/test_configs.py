@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import pipeline  # noqa: F401  (registers the config resolvers)
+from lightning_modules.diffusion import NoiseSchedule
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -145,3 +146,19 @@ def test_experiment_stage_settings_reach_their_stage_only_and_the_command_line_w
     cli = compose_cfg("train", [*ldm, "stage=autoencoder", "trainer.max_steps=7", "stage.module.optimizer.lr=0.1"])
     assert cli.trainer.max_steps == 7 and cli.stage.module.optimizer.lr == 0.1
     assert compose_cfg("train", [*ldm, "stage=diffusion", "debug=fdr"]).trainer.fast_dev_run
+
+
+@pytest.mark.parametrize("sampler", options("sampler"))
+def test_every_sampler_composes_and_instantiates(sampler):
+    cfg = compose_cfg("evaluate", [f"sampler={sampler}", "budget=quick"])
+    built = instantiate(cfg.sampler)
+    assert built.num_steps == 10 and built.timesteps(NoiseSchedule("linear", 100)).numel() == 10
+
+
+def test_iddpm_experiment_turns_the_learned_variance_on_for_the_diffusion_stage_only():
+    iddpm = compose_cfg("train", ["experiment=fashion_mnist_iddpm", "stage=diffusion"])
+    assert iddpm.stage.module.variance_type == "learned_range" and iddpm.stage.module.vlb_weight == 1e-3
+    assert iddpm.stage.module.sampler.num_steps == 10  # the quick demo's grid sampler it extends
+    quick = compose_cfg("train", ["experiment=fashion_mnist_quick", "stage=diffusion"])
+    assert quick.stage.module.variance_type == "fixed_small"
+    assert compose_cfg("evaluate", ["experiment=fashion_mnist_iddpm"]).num_samples == 1000
