@@ -14,6 +14,7 @@ import torch
 from lightning_modules.artifacts import DiffusionBundle, state_fingerprint
 from lightning_modules.codec import LatentCodec
 from lightning_modules.diffusion import Sampler
+from lightning_modules.diffusion.variance import check_sampler_variance
 from lightning_modules.generation import AUTOCAST_DTYPES, generate
 
 # What the generator is called with: a guidance setting, or a sweep point (`eval.sampler_sweep.SweepSetting`:
@@ -56,6 +57,7 @@ class SampleGenerator:
     ) -> None:
         if dtype not in AUTOCAST_DTYPES:
             raise ValueError(f"sampling_dtype must be one of {list(AUTOCAST_DTYPES)}, got {dtype!r}")
+        check_sampler_variance(sampler, diffusion.variance_type)
         self.diffusion = diffusion
         self.dtype = dtype
         self.sampler = sampler
@@ -139,5 +141,6 @@ class SampleGenerator:
         return generate(d.unet, self.codec, d.conditioner, setting, sampler, d.schedule, d.prediction_type,
                         self.condition(y), seeds, latent_shape=d.latent_shape, labels=y,
                         negative_condition=negative, classifier=self.classifier, device=self.device,
-                        autocast_dtype=AUTOCAST_DTYPES[self.dtype], progress=self.progress_steps)  # fmt: skip
+                        autocast_dtype=AUTOCAST_DTYPES[self.dtype], progress=self.progress_steps,
+                        variance_type=d.variance_type)  # fmt: skip
 

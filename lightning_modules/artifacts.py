@@ -13,7 +13,9 @@ Contract (top-level keys; every stage also writes `stage`, its name):
   `latent_scale_factor` (float), `latent_shape` ([C, h, w]), `image_shape` ([C, H, W]).
 - diffusion: `unet_hparams`, `unet_state_dict` (EMA), `conditioner` ({"target", "hparams",
   "state_dict"}), `schedule` (NoiseSchedule.to_dict()), `prediction_type`, `latent_shape`,
-  `autoencoder_checkpoint` (path), `autoencoder_fingerprint`, `latent_scale_factor`, `num_classes`.
+  `autoencoder_checkpoint` (path), `autoencoder_fingerprint`, `latent_scale_factor`, `num_classes`,
+  `variance_type` ("fixed_small" | "learned_range": the U-Net also outputs its variance, Improved DDPM;
+  absent in older files, which are "fixed_small").
 - classifier: `classifier_hparams`, `classifier_state_dict` (EMA), `classifier_is_ema`, `schedule`,
   `latent_shape`, `autoencoder_fingerprint`, `autoencoder_checkpoint`, `diffusion_checkpoint`,
   `latent_scale_factor`, `num_classes`.
@@ -40,6 +42,7 @@ from torch import nn
 
 from core.io import atomic_open
 from lightning_modules.diffusion.schedules import NoiseSchedule
+from lightning_modules.diffusion.variance import VARIANCE_TYPES
 from lightning_modules.nets.autoencoder import AutoencoderKL
 from lightning_modules.nets.classifier import NoisyLatentClassifier
 from lightning_modules.nets.conditioners import ClassConditioner, Conditioner, TextConditioner
@@ -181,6 +184,7 @@ def diffusion_artifacts(
     autoencoder_fingerprint: str,
     latent_scale_factor: float,
     num_classes: int,
+    variance_type: str = "fixed_small",
 ) -> dict[str, Any]:
     """The diffusion stage's artifact: pass the exported (EMA) U-Net and conditioner weights."""
     return {
@@ -194,6 +198,7 @@ def diffusion_artifacts(
         "autoencoder_fingerprint": str(autoencoder_fingerprint),
         "latent_scale_factor": float(latent_scale_factor),
         "num_classes": int(num_classes),
+        "variance_type": str(variance_type),
     }
 
 
@@ -357,6 +362,7 @@ class DiffusionBundle:
     num_classes: int
     autoencoder_fingerprint: str
     path: str
+    variance_type: str = "fixed_small"
 
 
 def load_diffusion(path: str | os.PathLike, autoencoder_path: str | os.PathLike | None = None) -> DiffusionBundle:
@@ -370,6 +376,12 @@ def load_diffusion(path: str | os.PathLike, autoencoder_path: str | os.PathLike 
     ae, _, fingerprint = load_autoencoder(ae_path)
     check_same_autoencoder(ae_path, fingerprint, path, ckpt["autoencoder_fingerprint"])
     conditioner = build_conditioner(ckpt["conditioner"]).requires_grad_(False)
+    variance_type = ckpt.get("variance_type", "fixed_small")
+    if variance_type not in VARIANCE_TYPES:
+        raise StageMismatchError(
+            f"{path}: unknown variance_type {variance_type!r} (known: {list(VARIANCE_TYPES)}); re-create it by "
+            "re-running stage diffusion"
+        )
     unet = UNet(**ckpt["unet_hparams"])
     unet.load_state_dict(ckpt["unet_state_dict"])
     unet.eval().requires_grad_(False)
@@ -384,6 +396,7 @@ def load_diffusion(path: str | os.PathLike, autoencoder_path: str | os.PathLike 
         num_classes=int(ckpt["num_classes"]),
         autoencoder_fingerprint=fingerprint,
         path=str(path),
+        variance_type=variance_type,
     )
 
 

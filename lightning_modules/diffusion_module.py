@@ -25,12 +25,15 @@ from lightning_modules.base import StageModule, build_optimizer, warmup_cosine
 from lightning_modules.codec import LatentCodec
 from lightning_modules.diffusion import (
     PREDICTION_TYPES,
+    VARIANCE_TYPES,
     NoiseSchedule,
     Sampler,
     bucket_centres,
+    hybrid_vlb_term,
     min_snr_weight,
     q_sample,
     seeded_noise,
+    split_model_output,
     timestep_buckets,
     training_target,
 )
@@ -52,6 +55,8 @@ def diffusion_loss(
     context: Tensor,
     mask: Tensor | None,
     min_snr_gamma: float | None = None,
+    variance_type: str = "fixed_small",
+    vlb_weight: float = 1e-3,
 ) -> Tensor:
     """Per-sample denoising loss w(t) * mean_pixels (f(z_t, t, c) - target)^2, shape (B,).
 
@@ -59,13 +64,18 @@ def diffusion_loss(
     prediction_type "eps" (Ho et al. eq. 14, L_simple), "v" (Salimans & Ho 2022) or "x0"; w(t) = 1, or the
     min-SNR-gamma weight (Hang et al. 2023, Sec. 3.4). z0, noise: (B, C, h, w); t: long (B,);
     context: (B, L, D); mask: (B, L) bool or None. The squared error is taken in float32.
+    variance_type "learned_range": the model also outputs its variance values and the loss is Improved
+    DDPM's hybrid L_simple + lambda L_vlb (Nichol & Dhariwal 2021, Sec. 3.1; lambda = vlb_weight), the VLB
+    term training the variance only (`lightning_modules.diffusion.variance.hybrid_vlb_term`).
     """
     z_t = q_sample(schedule, z0, t, noise)
-    pred = model(z_t, t, context, mask)
+    pred, var_values = split_model_output(model(z_t, t, context, mask), z0.shape[1], variance_type)
     target = training_target(schedule, prediction_type, z0, noise, t)
     loss = (pred.float() - target.float()).square().flatten(1).mean(dim=1)
     if min_snr_gamma is not None:
         loss = loss * min_snr_weight(schedule, t, min_snr_gamma, prediction_type)
+    if var_values is not None:
+        loss = loss + hybrid_vlb_term(schedule, prediction_type, pred, var_values, z0, z_t, t, vlb_weight)
     return loss
 
 
@@ -92,6 +102,8 @@ class DiffusionModule(StageModule):
         prediction_type: "eps", "v" or "x0".
         p_uncond: label-dropout probability.
         min_snr_gamma: min-SNR-gamma loss weighting, or None for the plain MSE.
+        variance_type: "fixed_small" (the U-Net predicts only the target) or "learned_range" (Improved
+            DDPM: 2C output channels, the hybrid loss with lambda = vlb_weight; sample with sampler=iddpm).
         warmup_steps, total_steps, min_lr_ratio: linear LR warm-up, then cosine decay to min_lr_ratio
             (1.0 = constant LR, the LDM recipe).
         ema_decay, ema_warmup: EMA of the U-Net (`lightning_modules.ema.EMA`).
@@ -114,6 +126,8 @@ class DiffusionModule(StageModule):
         prediction_type: str = "eps",
         p_uncond: float = 0.1,
         min_snr_gamma: float | None = None,
+        variance_type: str = "fixed_small",
+        vlb_weight: float = 1e-3,
         warmup_steps: int = 200,
         total_steps: int = 1000,
         min_lr_ratio: float = 1.0,
@@ -127,6 +141,8 @@ class DiffusionModule(StageModule):
             raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {p_uncond}")
+        if variance_type not in VARIANCE_TYPES:
+            raise ValueError(f"variance_type must be one of {list(VARIANCE_TYPES)}, got {variance_type!r}")
         self.save_hyperparameters(ignore=["unet", "conditioner", "schedule", "sampler", "optimizer"])
         # A plain object, not a submodule: the frozen autoencoder stays out of state_dict and optimiser.
         self.codec = LatentCodec.load(autoencoder_checkpoint)
@@ -135,7 +151,8 @@ class DiffusionModule(StageModule):
         self.latent_shape = self.codec.latent_shape(image_size)
         self.conditioner = conditioner
         z_channels = self.codec.latent_channels
-        self.unet = unet(in_channels=z_channels, out_channels=z_channels, context_dim=conditioner.context_dim)
+        out_channels = 2 * z_channels if variance_type == "learned_range" else z_channels
+        self.unet = unet(in_channels=z_channels, out_channels=out_channels, context_dim=conditioner.context_dim)
         self.ema = EMA(self.unet, decay=ema_decay, warmup=ema_warmup)
         trainable_cond = any(p.requires_grad for p in conditioner.parameters())
         self.conditioner_ema = EMA(conditioner, decay=ema_decay, warmup=ema_warmup) if trainable_cond else None
@@ -174,7 +191,7 @@ class DiffusionModule(StageModule):
         condition = self.conditioner.condition_from_batch(batch)
         context, mask = self.conditioner(self.conditioner.drop(condition, self.hparams.p_uncond, rng))
         per_sample = diffusion_loss(self.unet, self.schedule, self.hparams.prediction_type, z0, t, noise,
-                                    context, mask, self.hparams.min_snr_gamma)  # fmt: skip
+                                    context, mask, self.hparams.min_snr_gamma, **self._variance_kwargs())  # fmt: skip
         loss = per_sample.mean()
         if not self.finite_or_skip({"diffusion_loss": loss}):
             return None  # no backward, no update
@@ -183,6 +200,9 @@ class DiffusionModule(StageModule):
         if self._trainer is not None and self.lr_schedulers() is not None:
             self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         return loss
+
+    def _variance_kwargs(self) -> dict[str, Any]:
+        return {"variance_type": self.hparams.variance_type, "vlb_weight": self.hparams.vlb_weight}
 
     def _log_buckets(self, prefix: str, per_sample: Tensor, t: Tensor) -> None:
         k = self.hparams.num_loss_buckets
@@ -228,7 +248,7 @@ class DiffusionModule(StageModule):
         for metric, t_fixed in zip(self.val_losses, self.val_timesteps):
             t = torch.full((z0.shape[0],), t_fixed, dtype=torch.long, device=z0.device)
             loss = diffusion_loss(self.ema.shadow, self.schedule, self.hparams.prediction_type, z0, t, noise,
-                                  context, mask)  # fmt: skip
+                                  context, mask, **self._variance_kwargs())  # fmt: skip
             metric.update(loss)
 
     def on_validation_epoch_end(self) -> None:
@@ -247,7 +267,8 @@ class DiffusionModule(StageModule):
         unconditional half uses the conditioner's null condition, the very input label dropout trains."""
         return generate(self.ema.shadow, self.codec, self.ema_conditioner(), GuidanceSetting("cfg", cfg_scale=scale),
                         self.sampler, self.schedule, self.hparams.prediction_type, condition, seeds,
-                        latent_shape=self.latent_shape, device=self.device)  # fmt: skip
+                        latent_shape=self.latent_shape, device=self.device,
+                        variance_type=self.hparams.variance_type)  # fmt: skip
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def _frozen_keys(self) -> set[str]:
@@ -273,4 +294,5 @@ class DiffusionModule(StageModule):
     def artifacts(self) -> dict[str, Any]:
         return diffusion_artifacts(self.ema.shadow, self.conditioner, self.ema_conditioner(), self.schedule,
                                    self.hparams.prediction_type, self.latent_shape, self.autoencoder_checkpoint,
-                                   self.autoencoder_fingerprint, self.codec.scale_factor, self.hparams.num_classes)  # fmt: skip
+                                   self.autoencoder_fingerprint, self.codec.scale_factor, self.hparams.num_classes,
+                                   self.hparams.variance_type)  # fmt: skip

@@ -115,6 +115,7 @@ def generate(
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    variance_type: str = "fixed_small",
 ) -> np.ndarray:
     """B samples -> uint8 images (B, H, W, C), x = D(z_0 / scale_factor) of the reverse chain's z_0.
 
@@ -126,6 +127,7 @@ def generate(
     dropout trains. labels: long (B,) class indices that classifier guidance (guidance.cls_scale != 0,
     with `classifier(x, t) -> logits`) steers towards. autocast_dtype: bf16/fp16 autocast for the
     conditioner, U-Net and classifier calls (None: float32); decoding always runs in float32.
+    variance_type: the checkpoint's ("learned_range": the U-Net also outputs its variance, `sample`).
     """
     device = torch.device(device)
     if guidance.cls_scale and classifier is None:
@@ -142,8 +144,10 @@ def generate(
         cond = _context(conditioner, condition if guidance.conditional else null, device)
         uncond = _context(conditioner, null if negative_condition is None else negative_condition, device)
         denoiser = CFGDenoiser(
-            unet, *cond, *uncond, scale=guidance.cfg_scale, rescale_phi=guidance.rescale_phi
+            unet, *cond, *uncond, scale=guidance.cfg_scale, rescale_phi=guidance.rescale_phi,
+            learned_variance=variance_type == "learned_range",
         )
         z = sample(denoiser, (len(seeds), *latent_shape), schedule, sampler, prediction_type=prediction_type,
-                   seeds=list(seeds), cond_fn=cond_fn, progress=progress, device=device)  # fmt: skip
+                   seeds=list(seeds), cond_fn=cond_fn, progress=progress, device=device,
+                   variance_type=variance_type)  # fmt: skip
     return codec.decode_uint8(z)

@@ -32,6 +32,7 @@ from .samplers import (
 )
 from .sampling import make_generators, sample, seeded_noise
 from .schedules import BETA_SCHEDULES, NoiseSchedule, extract, make_betas
+from .variance import VARIANCE_TYPES, IDDPMSampler, hybrid_vlb_term, split_model_output
 
 __all__ = [
     "BETA_SCHEDULES",
@@ -40,10 +41,12 @@ __all__ = [
     "DDPMSampler",
     "DPMSolverPP2MSampler",
     "DPM_FINAL_SIGMAS",
+    "IDDPMSampler",
     "NoiseSchedule",
     "PREDICTION_TYPES",
     "Sampler",
     "TIMESTEP_SPACINGS",
+    "VARIANCE_TYPES",
     "bucket_centres",
     "cfg_combine",
     "classifier_cond_fn",
@@ -52,6 +55,7 @@ __all__ = [
     "condition_score",
     "convert_prediction",
     "extract",
+    "hybrid_vlb_term",
     "make_betas",
     "make_generators",
     "make_timesteps",
@@ -61,6 +65,7 @@ __all__ = [
     "sample",
     "seeded_noise",
     "snr",
+    "split_model_output",
     "timestep_buckets",
     "training_target",
 ]

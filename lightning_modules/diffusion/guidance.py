@@ -72,7 +72,9 @@ class CFGDenoiser:
     model(x, t, context, context_mask) -> prediction, with x (B, ...), t long (B,), context (B, L, D),
     context_mask (B, L) or None. Both halves run as one batched forward of size 2B; with scale == 1 only
     the conditional half runs. Negative conditioning: pass the negative context as context_uncond.
-    A context or mask with batch size 1 is broadcast to the batch.
+    A context or mask with batch size 1 is broadcast to the batch. learned_variance: the model outputs 2C
+    channels (prediction, variance values; `variance.py`): only the prediction is guided, the variance
+    values are the conditional half's (GLIDE's and guided-diffusion's choice).
     """
 
     def __init__(
@@ -84,8 +86,10 @@ class CFGDenoiser:
         mask_uncond: Tensor | None,
         scale: float,
         rescale_phi: float = 0.0,
+        learned_variance: bool = False,
     ) -> None:
         self.model = model
+        self.learned_variance = learned_variance
         self.context_cond = context_cond
         self.mask_cond = mask_cond
         self.context_uncond = context_uncond
@@ -113,7 +117,11 @@ class CFGDenoiser:
         if self.scale == 1.0:
             return self._conditional(x, t)
         cond, uncond = self._both_halves(x, t)
-        return cfg_combine(uncond, cond, self.scale, self.rescale_phi)
+        if not self.learned_variance:
+            return cfg_combine(uncond, cond, self.scale, self.rescale_phi)
+        channels = x.shape[1]
+        guided = cfg_combine(uncond[:, :channels], cond[:, :channels], self.scale, self.rescale_phi)
+        return torch.cat([guided, cond[:, channels:]], dim=1)
 
 
 def _check_labels(y: Tensor, num_classes: int) -> None:
@@ -159,7 +167,8 @@ def classifier_cond_fn(
 def condition_mean(mean: Tensor, variance: Tensor | float, grad: Tensor) -> Tensor:
     """Shift a reverse-step Gaussian mean by variance * grad (Dhariwal & Nichol 2021, Algorithm 1).
 
-    mean, grad: (B, ...); variance broadcastable to them. Returns (B, ...).
+    mean, grad: (B, ...); variance broadcastable to them: a float (fixed variance of the step) or the
+    learned (B, ...) Sigma_theta(x_t, t) of Improved DDPM (`variance.IDDPMSampler`). Returns (B, ...).
     """
     return mean + variance * grad
 

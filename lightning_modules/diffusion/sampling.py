@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .process import convert_prediction
 from .samplers import Sampler
 from .schedules import NoiseSchedule
+from .variance import check_sampler_variance, split_model_output
 
 __all__ = ["make_generators", "sample", "seeded_noise"]
 
@@ -83,6 +84,7 @@ def sample(
     progress: bool = False,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    variance_type: str = "fixed_small",
 ) -> Tensor:
     """Run the reverse process from x_T ~ N(0, I) to x_0 and return x_0, (B, ...) = `shape`.
 
@@ -90,8 +92,12 @@ def sample(
     training timesteps (also on respaced chains); e.g. a plain model wrapper or a `CFGDenoiser`.
     cond_fn(x, t) -> scaled grad_x log p(y | x, t) (e.g. `classifier_cond_fn`), applied by the sampler
     (DDPM: `condition_mean`; DDIM and DPM-Solver++: `condition_score`). seeds: one per sample for
-    batch-independent results; None draws from torch's global RNG.
+    batch-independent results; None draws from torch's global RNG. variance_type "learned_range": the
+    denoiser outputs 2C channels, the second half the learned-range variance values (`variance.py`), handed
+    to a sampler with `uses_model_variance` (IDDPMSampler) and ignored by the others (DDIM needs no variance).
     """
+    check_sampler_variance(sampler, variance_type)
+    uses_variance = getattr(sampler, "uses_model_variance", False)
     device = torch.device(device if device is not None else "cpu")
     draw = _noise_source(tuple(shape), seeds, device, dtype)
     x = draw()
@@ -102,12 +108,12 @@ def sample(
     carried: dict = {}  # a multistep sampler's `state`, handed back to its next step (Sampler)
     for t, prev_t in tqdm(list(zip(chain, successors)), desc="sampling", disable=not progress):
         t_batch = torch.full((shape[0],), t, dtype=torch.long, device=device)
-        eps = convert_prediction(
-            schedule, denoiser(x, t_batch), x, t_batch, from_type=prediction_type, to_type="eps"
-        )
+        pred, var_values = split_model_output(denoiser(x, t_batch), x.shape[1], variance_type)
+        eps = convert_prediction(schedule, pred, x, t_batch, from_type=prediction_type, to_type="eps")
         grad = None if cond_fn is None else cond_fn(x, t_batch)
         noise = draw() if sampler.needs_noise(schedule, t, prev_t) else None
-        out = sampler.step(schedule, eps, t, x, noise, grad=grad, prev_t=prev_t, **carried)
+        extra = {"model_var_values": var_values} if uses_variance else {}
+        out = sampler.step(schedule, eps, t, x, noise, grad=grad, prev_t=prev_t, **carried, **extra)
         x = out["prev_sample"]
         carried = {"state": out["state"]} if "state" in out else {}
     return x

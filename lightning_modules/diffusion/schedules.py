@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BETA_SCHEDULES", "NoiseSchedule", "extract", "make_betas"]
+__all__ = ["BETA_SCHEDULES", "NoiseSchedule", "derived_tables", "extract", "make_betas"]
 
 # Nichol & Dhariwal 2021 cap beta at 0.999 so the last cosine steps do not reach beta = 1 (Sec. 3.2).
 _MAX_COSINE_BETA = 0.999
@@ -97,7 +97,7 @@ class NoiseSchedule:
 
     def __post_init__(self) -> None:
         betas = make_betas(self.kind, self.num_timesteps, self.beta_start, self.beta_end, self.cosine_s)
-        for name, value in _derived_tables(betas).items():
+        for name, value in derived_tables(betas).items():
             object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,7 +115,7 @@ class NoiseSchedule:
         return cls(**d)
 
 
-def _derived_tables(betas: Tensor) -> dict[str, Tensor]:
+def derived_tables(betas: Tensor) -> dict[str, Tensor]:
     """Ho et al. 2020: abar (eq. 4) and the posterior q(x_{t-1} | x_t, x_0) coefficients (eq. 7)."""
     alphas = 1.0 - betas
     abar = torch.cumprod(alphas, dim=0)

@@ -151,6 +151,15 @@ def test_experiment_stage_settings_reach_their_stage_only_and_the_command_line_w
 def test_every_sampler_composes_and_instantiates(sampler):
     """Each conf/sampler option, as the evaluation's sampler and as the training grids' one."""
     cfg = compose_cfg("evaluate", [f"sampler={sampler}"])
-    assert type(instantiate(resolve(cfg)["sampler"])).__module__ == "lightning_modules.diffusion.samplers"
+    assert type(instantiate(resolve(cfg)["sampler"])).__module__.startswith("lightning_modules.diffusion.")
     train = compose_cfg("train", ["stage=diffusion", f"sampler@stage.module.sampler={sampler}"])
     resolve(train)
+
+
+def test_iddpm_experiment_turns_the_learned_variance_on_for_the_diffusion_stage_only():
+    iddpm = compose_cfg("train", ["experiment=fashion_mnist_iddpm", "stage=diffusion"])
+    assert iddpm.stage.module.variance_type == "learned_range" and iddpm.stage.module.vlb_weight == 1e-3
+    assert iddpm.stage.module.sampler.num_steps == 10  # the quick demo's grid sampler it extends
+    quick = compose_cfg("train", ["experiment=fashion_mnist_quick", "stage=diffusion"])
+    assert quick.stage.module.variance_type == "fixed_small"
+    assert compose_cfg("evaluate", ["experiment=fashion_mnist_iddpm"]).num_samples == 1000
