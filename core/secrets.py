@@ -18,13 +18,14 @@ Hydra and W&B (docs/ARCHITECTURE.md, "Layers"); `python -m core.secrets ARG...` 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["MASK", "is_secret_key", "scrub", "scrub_argv", "scrub_text", "secret_env_values"]
+__all__ = ["MASK", "ScrubbingFilter", "is_secret_key", "scrub", "scrub_argv", "scrub_text", "secret_env_values"]
 
 MASK = "***"
 # A key is secret when its last segment is one of these words ...
@@ -156,6 +157,18 @@ def scrub(obj: Any, environ: Mapping[str, str] | None = None) -> Any:
 def scrub_argv(argv: Iterable[str], environ: Mapping[str, str] | None = None) -> list[str]:
     """A command line with credentials masked in each argument (`data.urls.train=https://u:***@host/...`)."""
     return [scrub_text(str(a), environ) for a in argv]
+
+
+class ScrubbingFilter(logging.Filter):
+    """Masks credentials in every record a handler emits (attach it to handlers: a logger's own filters do
+    not see the records its children propagate)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = scrub_text(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
 
 
 if __name__ == "__main__":

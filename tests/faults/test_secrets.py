@@ -111,7 +111,9 @@ def slurm_cluster(monkeypatch) -> str:
 @pytest.mark.slurm
 def test_no_secret_in_slurm_job_logs_or_files(planted, slurm_cluster, tiny_data, tmp_path):
     out = run_cli("pipeline.run", "stages=[feature_net_perceptual]", "debug=fdr", "logger=wandb",
-                  "launcher=slurm", "launcher.wait=true", "launcher.cpus_per_task=1", *secret_overrides(tiny_data),
+                  "launcher=slurm", "launcher.wait=true", "launcher.cpus_per_task=1",
+                  # the job resolves ${oc.env:HF_TOKEN}: it gets that token by name, as a user would export it
+                  "launcher.export_env=[PATH,HOME,OMP_NUM_THREADS,WANDB_MODE,HF_TOKEN]", *secret_overrides(tiny_data),
                   *tiny_overrides(tiny_data, tmp_path)[:2], timeout=900)  # fmt: skip
     run = tmp_path / RUN
     logs = list((run / "logs").glob("feature_net_perceptual-*.out"))

@@ -137,3 +137,13 @@ def test_slurm_error_messages_mask_the_command_line():
     with pytest.raises(SlurmError) as error:
         _run(["false", "data.urls.train=https://u:pw123456@h/t.tar?sig=abc"])
     assert "pw123456" not in str(error.value) and "u:***@h/t.tar?sig=***" in str(error.value)
+
+
+def test_logging_filter_masks_what_handlers_print(caplog):
+    import logging
+
+    from core.secrets import ScrubbingFilter
+
+    caplog.handler.addFilter(ScrubbingFilter())
+    logging.getLogger("hydra.core.utils").error("Error executing job with overrides: %s", ["+x=https://u:pw123456@h"])
+    assert "pw123456" not in caplog.text and "u:***@h" in caplog.text
