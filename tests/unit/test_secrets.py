@@ -147,3 +147,32 @@ def test_logging_filter_masks_what_handlers_print(caplog):
     caplog.handler.addFilter(ScrubbingFilter())
     logging.getLogger("hydra.core.utils").error("Error executing job with overrides: %s", ["+x=https://u:pw123456@h"])
     assert "pw123456" not in caplog.text and "u:***@h" in caplog.text
+
+
+def test_hydra_callback_writes_scrubbed_records_and_multirun_yaml(tmp_path):
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    from pipeline.hydra_output import ScrubbedHydraOutput
+
+    url = "+data.urls.train='pipe:curl -s https://u:pw123456@h/train-{0..3}.tar?sig=abc'"
+    with initialize_config_dir(config_dir=os.path.abspath("conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[url, "+note=${oc.env:NO_SUCH_TOKEN_VAR}"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path / "job")
+        cfg.hydra.sweep.dir = str(tmp_path / "sweep")
+        cfg.hydra.mode = RunMode.MULTIRUN
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "multirun.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"o": [url]})))
+    ScrubbedHydraOutput(".hydra").on_job_start(cfg)  # an unset ${oc.env:} is written as the reference it is
+    files = [*(tmp_path / "job" / ".hydra").glob("*.yaml"), tmp_path / "sweep" / "multirun.yaml"]
+    assert sorted(p.name for p in files) == ["config.yaml", "hydra.yaml", "multirun.yaml", "overrides.yaml"]
+    for path in files:
+        text = path.read_text()
+        assert "pw123456" not in text and "sig=abc" not in text, path
+    overrides = OmegaConf.load(tmp_path / "job" / ".hydra" / "overrides.yaml")
+    assert OmegaConf.to_container(overrides) == ["+data.urls.train='pipe:curl -s https://u:***@h/train-{0..3}.tar?sig=***'",
+                                                 "+note=${oc.env:NO_SUCH_TOKEN_VAR}"]  # fmt: skip
