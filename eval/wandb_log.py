@@ -25,6 +25,7 @@ def log_to_wandb(
     tags: Sequence[str] = (),
     config: Mapping[str, Any] | None = None,
     offline: bool = True,
+    settings: Mapping[str, Any] | None = None,
 ) -> str:
     """Log the results table, the plots (images and W&B line plots) and the sample grids to one W&B run
     (job_type "evaluate"); the stable `run_id` makes a re-run continue the same run. Returns its dir."""
@@ -32,7 +33,7 @@ def log_to_wandb(
 
     run = wandb.init(dir=str(run_dir), id=run_id, resume="allow", project=project, entity=entity, group=group,
                      job_type="evaluate", name=name, tags=list(tags), config=dict(config or {}),
-                     mode="offline" if offline else "online")  # fmt: skip
+                     mode="offline" if offline else "online", settings=dict(settings or {}))  # fmt: skip
     try:
         shown = table_rows(rows)
         columns = list(dict.fromkeys(k for row in shown for k in row))

@@ -119,7 +119,10 @@ def build_loggers(cfg: DictConfig, chash: str) -> list:
                 if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "online":
                     lcfg.offline = True
             os.makedirs(lcfg.save_dir, exist_ok=True)
-        loggers.append(instantiate(lcfg))
+            # W&B records its init arguments (notes, tags, name) in the run: credentials masked first;
+            # `settings` (conf/logger/wandb.yaml) keeps the command line out of its metadata.
+            lcfg = OmegaConf.create(scrub_secrets(OmegaConf.to_container(lcfg, resolve=True)))
+        loggers.append(instantiate(lcfg, _convert_="all"))
     for lg in loggers:
         if hasattr(lg, "log_hyperparams"):
             lg.log_hyperparams(scrub_secrets(OmegaConf.to_container(cfg, resolve=True)))

@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from core.io import atomic_write_json, atomic_write_text, read_json, to_container
-
-SECRET_KEY = re.compile(r"(api[_-]?key|token|password|secret)", re.IGNORECASE)
+from core.secrets import scrub
 
 
 def scrub_secrets(obj: Any) -> Any:
-    """Replace the value of any key that looks like a credential, recursively."""
-    if isinstance(obj, dict):
-        return {k: ("***" if SECRET_KEY.search(str(k)) else scrub_secrets(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [scrub_secrets(v) for v in obj]
-    return obj
+    """A config container with credentials masked, by key name and by value (`core.secrets.scrub`)."""
+    return scrub(obj)
 
 
 def save_config(cfg: DictConfig | dict, path: str | os.PathLike) -> Path:

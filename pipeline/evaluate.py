@@ -173,8 +173,9 @@ def log_wandb(cfg: DictConfig, rows: list[dict], outputs: dict) -> None:
     run_id = wandb_run_id(cfg.paths.run_dir, f"eval/{cfg.sweep_name}", "")  # a re-run continues this run
     run_dir = log_to_wandb(
         rows, outputs, run_dir=cfg.paths.run_dir, run_id=run_id, project=lcfg.project, group=lcfg.group,
-        name=lcfg.name, entity=lcfg.entity, tags=list(lcfg.tags or []),
+        name=scrub_secrets(lcfg.name), entity=lcfg.entity, tags=scrub_secrets(list(lcfg.tags or [])),
         config=scrub_secrets(OmegaConf.to_container(cfg, resolve=True)), offline=offline,
+        settings=OmegaConf.to_container(lcfg.settings) if lcfg.get("settings") else None,
     )  # fmt: skip
     print(f"[evaluate] W&B ({'offline' if offline else 'online'}): {run_dir}")
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from core.secrets import scrub_argv, scrub_text
 from pipeline.builders import stage_hash, upstream_dirs
 from pipeline.common import read_done
 
@@ -39,6 +40,11 @@ class Step:
     @property
     def argv(self) -> list[str]:
         return [*self.args, *self.overrides]
+
+    @property
+    def command(self) -> str:
+        """The step's command line for printing and logs, credentials masked (`core.secrets`)."""
+        return " ".join(["python", "-m", self.entry, *scrub_argv(self.argv)])
 
 
 def forwarded_overrides(argv: list[str]) -> list[str]:
@@ -83,7 +89,7 @@ def plan(cfg: DictConfig, argv: list[str]) -> list[Step]:
             steps.append(step)
     ignored = [o for o in argv if o not in used]
     if ignored:
-        raise ValueError(f"no stage understands the override(s) {ignored}: check the key names")
+        raise ValueError(f"no stage understands the override(s) {scrub_argv(ignored)}: check the key names")
     return steps
 
 
@@ -119,12 +125,13 @@ def run_local(steps: list[Step], log_dir: Path) -> list[tuple[str, str, float]]:
             print(f"{head}: {reason}, skipping", flush=True)
             summary.append((step.name, "skipped", 0.0))
             continue
-        print(f"{head}: running ({reason}): python -m {step.entry} {' '.join(step.argv)}", flush=True)
+        print(f"{head}: running ({reason}): {step.command}", flush=True)
         t0 = time.time()
         with open(log_dir / f"{step.name}.log", "a") as log:
             proc = subprocess.Popen([sys.executable, "-m", step.entry, *step.argv], stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, preexec_fn=_die_with_parent)  # fmt: skip
-            for line in proc.stdout:
+            for line in proc.stdout:  # a stage's messages may echo a URL or an override: masked here too
+                line = scrub_text(line)
                 sys.stdout.write(line)
                 log.write(line)
             rc = proc.wait()

@@ -14,6 +14,8 @@ import subprocess
 import time
 from collections.abc import Iterable, Sequence
 
+from core.secrets import scrub_argv, scrub_text
+
 _CLIENT_TIMEOUT_S = 60.0
 
 # States after which Slurm will never run the job again (squeue(1), "JOB STATE CODES"). A requeued
@@ -42,7 +44,15 @@ _SUBMITTED_ID = re.compile(r"Submitted batch job (\d+)")
 
 
 class SlurmError(RuntimeError):
-    """A Slurm client failed; the message carries its command line and stderr."""
+    """A Slurm client failed; the message carries its command line and stderr, credentials masked."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(scrub_text(message))
+
+
+def _shown(argv: Sequence[str]) -> str:
+    """A client's command line as error messages show it: credentials in the job's overrides masked."""
+    return " ".join(scrub_argv(argv))
 
 
 def sbatch_command(
@@ -103,7 +113,7 @@ def submit(argv: Sequence[str]) -> str:
     last_line = stdout.strip().splitlines()[-1] if stdout.strip() else ""
     match = _PARSABLE_ID.match(last_line) or _SUBMITTED_ID.search(stdout)
     if match is None:
-        raise SlurmError(f"no job id in the output of {' '.join(argv)!r}: {stdout!r}")
+        raise SlurmError(f"no job id in the output of {_shown(argv)!r}: {stdout!r}")
     return match.group(1)
 
 
@@ -207,9 +217,9 @@ def _run(argv: Sequence[str]) -> str:
             f"{argv[0]} not found: is Slurm installed (slurm/local_cluster.sh start)?"
         ) from error
     except subprocess.TimeoutExpired as error:
-        raise SlurmError(f"{' '.join(argv)} timed out after {_CLIENT_TIMEOUT_S:g} s") from error
+        raise SlurmError(f"{_shown(argv)} timed out after {_CLIENT_TIMEOUT_S:g} s") from error
     if result.returncode != 0:
         raise SlurmError(
-            f"{' '.join(argv)} failed with exit code {result.returncode}: {result.stderr.strip()}"
+            f"{_shown(argv)} failed with exit code {result.returncode}: {result.stderr.strip()}"
         )
     return result.stdout

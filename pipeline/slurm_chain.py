@@ -8,8 +8,9 @@ task i evaluating sweep setting i (`slurm/eval_array.sbatch`, `sweep_index=i`), 
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,14 +22,30 @@ from pipeline.slurm import sbatch_command, submit, wait_for
 REPO = Path(__file__).resolve().parents[1]
 
 
+def exported_names(patterns: Iterable[str], environ: Mapping[str, str] | None = None) -> list[str]:
+    """The variables of the submitting environment a job gets, by name (`launcher.export_env`; `PREFIX*`
+    matches by prefix). Only names travel on sbatch's command line: sbatch reads their values itself, and
+    every other variable (tokens the job does not need included) stays out of the job."""
+    env = os.environ if environ is None else environ
+    names: dict[str, None] = {}
+    for pattern in patterns:
+        pattern = str(pattern)
+        matches = [k for k in sorted(env) if k.startswith(pattern[:-1])] if pattern.endswith("*") else (
+            [pattern] if pattern in env else [])  # fmt: skip
+        names.update(dict.fromkeys(matches))
+    return list(names)
+
+
 def _launcher_argv(script: str, step, launcher: DictConfig, dependency: list[str], entry: str | None,
                    **job) -> list[str]:  # fmt: skip
     """sbatch argv of `script` for `step` with the launcher's shared options (partition, account, qos, time,
-    cpus, extra flags, the exported GLDM_* environment); `job` holds what differs per job kind."""
+    cpus, extra flags, the environment: the GLDM_* variables and the names in `launcher.export_env`, never
+    ALL); `job` holds what differs per job kind."""
     env = ([f"GLDM_ENTRY={entry}"] if entry else []) + [f"GLDM_ROOT={Path.cwd()}"]
     venv = launcher.get("venv") or (sys.prefix if sys.prefix != sys.base_prefix else None)
     if venv:
         env.append(f"GLDM_VENV={venv}")
+    env += exported_names(launcher.get("export_env") or [])
     return sbatch_command(
         str(REPO / "slurm" / script),
         job_name=f"gldm-{step.name}",
@@ -38,7 +55,7 @@ def _launcher_argv(script: str, step, launcher: DictConfig, dependency: list[str
         account=launcher.account,
         qos=launcher.qos,
         dependency=dependency or None,
-        extra=[f"--export=ALL,{','.join(env)}", *launcher.extra],
+        extra=[f"--export={','.join(env)}", *launcher.extra],
         args=step.argv,
         **job,
     )

@@ -355,7 +355,10 @@ with open(os.path.join({out!r}, "{name}-" + os.environ.get("SLURM_ARRAY_TASK_ID"
 
 
 def _fake_repo(root: Path, out: Path, module: str) -> None:
-    """A GLDM_ROOT whose pipeline.<module> records its argv and Slurm rank instead of training."""
+    """A GLDM_ROOT whose pipeline.<module> records its argv and Slurm rank instead of training (with the real
+    core/secrets.py, through which the job scripts echo their overrides)."""
+    (root / "core").mkdir(parents=True)
+    shutil.copy(REPO / "core" / "secrets.py", root / "core" / "secrets.py")
     (root / "pipeline").mkdir(parents=True)
     (root / "pipeline" / "__init__.py").write_text("")
     (root / "pipeline" / f"{module}.py").write_text(_STAND_IN.format(out=str(out), name=module))
