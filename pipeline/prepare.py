@@ -15,20 +15,18 @@ log = logging.getLogger(__name__)
 
 def prepare(cfg: DictConfig) -> dict:
     data = cfg.data
-    config = OmegaConf.to_container(
-        OmegaConf.create(
-            {
-                "source": data.source,
-                "val_size": data.val_size,
-                "test_size": data.test_size,
-                "limit": cfg.limit,
-                "seed": data.seed,
-                "shard_size": data.shard_size,
-                "caption_templates": data.caption_templates,
-            }
-        ),
-        resolve=True,
-    )
+    # Resolve against the whole config: `data.source` interpolates `${data.channels}` etc., which a copy
+    # of the node in a fresh config could not resolve (the InterpolationKeyError of issue 14).
+    resolved = OmegaConf.to_container(data, resolve=True)
+    config = {
+        "source": resolved["source"],
+        "val_size": resolved["val_size"],
+        "test_size": resolved["test_size"],
+        "limit": cfg.limit,
+        "seed": resolved["seed"],
+        "shard_size": resolved["shard_size"],
+        "caption_templates": resolved["caption_templates"],
+    }
     manifest = prepare_dataset(
         instantiate(data.source),
         data.dir,
