@@ -40,6 +40,7 @@ def prepare(cfg: DictConfig) -> dict:
         caption_templates=list(data.caption_templates),
         force=cfg.force,
         progress=cfg.progress,
+        num_workers=cfg.num_workers,
     )
     counts = {k: v["num_samples"] for k, v in manifest["splits"].items()}
     log.info("dataset %s at %s: %s", data.name, data.dir, counts)
