@@ -115,7 +115,9 @@ def _write_shard(task: tuple[str, str, list[int], str]) -> dict[str, Any]:
             names = job["class_names"]
             caption = meta.get("caption") or caption_for(label, key, names, job["templates"], job["seed"])
             meta = {**meta, "label": label, "class_name": names[label], "split": split}
-            sink.write({"__key__": key, "png": encode_png(image), "cls": label, "txt": caption, "json": meta})
+            encoded = meta.pop("_encoded", None)
+            ext, data = encoded if encoded is not None else ("png", encode_png(image))
+            sink.write({"__key__": key, ext: data, "cls": label, "txt": caption, "json": meta})
             written += 1
     entry = {
         "name": name,

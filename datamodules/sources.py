@@ -142,6 +142,22 @@ def decode_image(
     return arr[..., None] if arr.ndim == 2 else arr
 
 
+def original_bytes(path: str | Path, channels: int, image_size: int | None) -> tuple[str, bytes] | None:
+    """`("jpg" | "png", the file's bytes)` when storing the file untouched gives the same pixels as
+    `decode_image` (a JPEG/PNG already upright, in the target mode and size); otherwise None."""
+    try:
+        with Image.open(path) as im:
+            fmt, mode, size = im.format, im.mode, im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    if fmt not in ("JPEG", "PNG") or mode != ("L" if channels == 1 else "RGB") or orientation not in (0, 1):
+        return None
+    if image_size is not None and size != (image_size, image_size):
+        return None
+    return ("jpg" if fmt == "JPEG" else "png"), Path(path).read_bytes()
+
+
 def _visible(p: Path) -> bool:
     return not p.name.startswith(".")
 
@@ -170,8 +186,8 @@ class FileSource:
     """A lazy list of image files: decoded one at a time by `item`, so memory does not grow with the dataset."""
 
     def __init__(self, files: list[tuple[Path, int, str | None]], root: Path, channels: int,
-                 image_size: int | None, background: Sequence[int]) -> None:  # fmt: skip
-        self.files, self.root = files, root
+                 image_size: int | None, background: Sequence[int], keep_original: bool = False) -> None:  # fmt: skip
+        self.files, self.root, self.keep_original = files, root, keep_original
         self.channels, self.image_size, self.background = channels, image_size, tuple(background)
 
     def __len__(self) -> int:
@@ -183,6 +199,8 @@ class FileSource:
         meta: dict = {"file": str(path.relative_to(self.root)), "index": int(index)}
         if caption is not None:
             meta["caption"] = caption
+        if self.keep_original and (raw := original_bytes(path, self.channels, self.image_size)) is not None:
+            meta["_encoded"] = raw  # the writer stores these bytes under their own key, not re-encoded
         return image, label, meta
 
 
@@ -196,17 +214,21 @@ class ImageFolder:
     `<folder> <class name...>` (ImageNet's `LOC_synset_mapping.txt`) giving the class names.
     Captions: a sidecar `<image stem>.txt` next to an image, or a `metadata.jsonl` in the class folder or
     the split root (`file_name`, `text`); images without one get a template caption from the class.
-    Images are decoded by `decode_image` (the policy is stated there).
+    Images are decoded by `decode_image` (the policy is stated there). With `keep_original`, a JPEG or PNG
+    that needs no conversion (upright, target mode and size) is stored as its original bytes (`jpg`/`png`
+    key) instead of a re-encoded PNG: no generation loss, smaller shards; the DataModule decodes both.
     """
 
     def __init__(self, root: str, channels: int = 3, image_size: int | None = None,
-                 class_map: str | None = None, background: Sequence[int] = (255, 255, 255)) -> None:  # fmt: skip
+                 class_map: str | None = None, background: Sequence[int] = (255, 255, 255),
+                 keep_original: bool = False) -> None:  # fmt: skip
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist (data.source.root)")
         self.channels = channels
         self.image_size = image_size
         self.background = tuple(background)
+        self.keep_original = keep_original
         base = self.root / "train" if (self.root / "train").is_dir() else self.root
         self.folders = sorted(
             p.name for p in base.iterdir() if p.is_dir() and _visible(p) and p.name != "test"
@@ -264,4 +286,4 @@ class ImageFolder:
         files = self._files(base)
         if not files:
             raise ValueError(f"no images found under {base} (extensions {IMAGE_EXTENSIONS})")
-        return FileSource(files, base, self.channels, self.image_size, self.background)
+        return FileSource(files, base, self.channels, self.image_size, self.background, self.keep_original)
