@@ -17,6 +17,7 @@ import multiprocessing as mp
 import os
 import random
 import re
+import shutil
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -330,6 +331,7 @@ def prepare_dataset(
     manifest["content_hash"] = manifest_hash(manifest)
     # Shards not listed in the new manifest (a previous, larger run) are left alone; the manifest is the truth.
     atomic_write_json(manifest_path, manifest)
+    shutil.rmtree(out_dir / PROGRESS_DIR, ignore_errors=True)  # the manifest now records every shard
     return manifest
 
 
