@@ -172,3 +172,14 @@ def test_keep_original_bytes_and_datamodule_decodes_both(tmp_path):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (4, 3, 8, 8) and dm.skipped.value == 0
+
+
+def test_imagenet_class_map(tmp_path):
+    for syn in ("n01440764", "n01443537"):
+        (tmp_path / "train" / syn).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / syn / "x.JPEG")
+    (tmp_path / "map.txt").write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n")
+    assert ImageFolder(str(tmp_path), class_map=str(tmp_path / "map.txt")).class_names == ["tench", "goldfish"]
+    (tmp_path / "bad.txt").write_text("n01440764 tench\n")
+    with pytest.raises(ValueError, match="n01443537"):
+        ImageFolder(str(tmp_path), class_map=str(tmp_path / "bad.txt"))
