@@ -13,8 +13,12 @@ import io
 import json
 import logging
 import math
+import multiprocessing as mp
 import os
 import random
+import re
+import shutil
+import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,12 +28,13 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from core.io import atomic_open, atomic_write_json, config_hash, remove_stale_temps, sha256_file
-from datamodules.sources import ArraySource
+from core.io import atomic_open, atomic_write_json, config_hash, read_json, remove_stale_temps, sha256_file
+from datamodules.sources import UndecodableImage
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+PROGRESS_DIR = ".progress"  # per-shard completion records of a prepare in progress
 MANIFEST_VERSION = 1
 DEFAULT_TEMPLATES = (
     "a photo of a {}",
@@ -73,41 +78,131 @@ def _shard_sizes(n: int, shard_size: int, min_shards: int) -> int:
     return max(1, min(shard_size, math.ceil(n / max(1, min_shards))))
 
 
-def write_split(
-    source: ArraySource,
-    indices: np.ndarray,
-    split: str,
-    out_dir: Path,
-    class_names: Sequence[str],
-    templates: Sequence[str],
-    seed: int,
-    shard_size: int,
-    min_shards: int,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Write the samples `source[indices]` as shards `<split>-NNNNN.tar`; return the split's manifest entry."""
-    per_shard = _shard_sizes(len(indices), shard_size, min_shards)
-    shards = []
-    bar = tqdm(total=len(indices), desc=f"writing {split}", unit="img", disable=not progress)
-    for s, start in enumerate(range(0, len(indices), per_shard)):
-        name = f"{split}-{s:05d}.tar"
-        final = out_dir / name
-        chunk = indices[start : start + per_shard]
-        # A fixed *integer* mtime: byte-identical re-runs, and plain ustar headers. A float mtime (even 0.0)
-        # makes tarfile add a PAX header to every member: twice the bytes and twice the read time.
-        remove_stale_temps(final)  # a killed earlier prepare's half shard (prepare is the only writer)
-        with atomic_open(final, "wb") as f, wds.TarWriter(f, mtime=0) as sink:
-            for idx in chunk:
+# The sources and constants of the prepare in progress, inherited by the forked writer processes
+# (so an in-memory source such as Fashion-MNIST is not pickled once per shard).
+_JOB: dict[str, Any] = {}
+
+
+def _record_path(out_dir: Path, name: str) -> Path:
+    return out_dir / PROGRESS_DIR / f"{name}.json"
+
+
+def _write_shard(task: tuple[str, str, list[int], str]) -> dict[str, Any]:
+    """Write one shard from `_JOB` (in a writer process or inline); return its manifest entry + skipped files.
+
+    Samples are decoded one at a time and streamed into the tar, so memory is one image plus the tar
+    buffer. When the shard is complete, a record `.progress/<shard>.json` (its sha256 and the plan hash)
+    is written atomically: a re-run after a kill verifies the shard against it and skips it.
+    """
+    split, name, chunk, plan = task
+    job = _JOB
+    source, out_dir = job["sources"][split], job["out_dir"]
+    final = out_dir / name
+    remove_stale_temps(final)  # a killed earlier prepare's half shard (prepare is the only writer)
+    skipped, written = [], 0
+    # A fixed *integer* mtime: byte-identical re-runs, and plain ustar headers. A float mtime (even 0.0)
+    # makes tarfile add a PAX header to every member: twice the bytes and twice the read time.
+    with atomic_open(final, "wb") as f, wds.TarWriter(f, mtime=0) as sink:
+        for idx in chunk:
+            try:
                 image, label, meta = source.item(int(idx))
-                key = f"{split}_{int(idx):07d}"
-                caption = caption_for(label, key, class_names, templates, seed)
-                meta = {**meta, "label": label, "class_name": class_names[label], "split": split}
-                sink.write({"__key__": key, "png": encode_png(image), "cls": label, "txt": caption, "json": meta})
-                bar.update(1)
-        shards.append({"name": name, "num_samples": len(chunk), "sha256": sha256_file(final),
-                       "bytes": final.stat().st_size})  # fmt: skip
+            except UndecodableImage as e:
+                skipped.append({"file": str(source.files[int(idx)][0]), "error": str(e.__cause__ or e)})
+                continue
+            if tuple(image.shape) != job["image_shape"]:
+                raise ValueError(f"{meta}: image shape {image.shape} != {job['image_shape']} of the first image; "
+                                 "set data.image_size so every image is resized to one size")  # fmt: skip
+            key = f"{split}_{int(idx):07d}"
+            names = job["class_names"]
+            caption = meta.get("caption") or caption_for(label, key, names, job["templates"], job["seed"])
+            meta = {**meta, "label": label, "class_name": names[label], "split": split}
+            encoded = meta.pop("_encoded", None)
+            ext, data = encoded if encoded is not None else ("png", encode_png(image))
+            sink.write({"__key__": key, ext: data, "cls": label, "txt": caption, "json": meta})
+            written += 1
+    entry = {
+        "name": name,
+        "num_samples": written,
+        "sha256": sha256_file(final),
+        "bytes": final.stat().st_size,
+    }
+    atomic_write_json(_record_path(out_dir, name), {**entry, "plan": plan, "skipped": skipped})
+    return {**entry, "skipped": skipped}
+
+
+def _finished(out_dir: Path, name: str, plan: str) -> dict[str, Any] | None:
+    """The record of a shard finished by an earlier (killed) run with the same plan, if its sha256 checks."""
+    rec = read_json(_record_path(out_dir, name))
+    path = out_dir / name
+    if not isinstance(rec, dict) or rec.get("plan") != plan or not path.exists():
+        return None
+    if path.stat().st_size != rec.get("bytes") or sha256_file(path) != rec.get("sha256"):
+        return None
+    return {k: rec[k] for k in ("name", "num_samples", "sha256", "bytes", "skipped")}
+
+
+def write_splits(
+    plan: dict[str, tuple[Any, np.ndarray]],
+    out_dir: Path,
+    chash: str,
+    *,
+    shard_size: int,
+    min_eval_shards: int,
+    num_workers: int = 1,
+    resume: bool = True,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Write every split's shards `<split>-NNNNN.tar` with `num_workers` processes; return the manifest
+    entries per split (with `skipped`, the undecodable files). Shards finished by an earlier run with the
+    same plan and a matching sha256 are kept (`resume`)."""
+    tasks, done = [], {}
+    for split, (_src, indices) in plan.items():
+        per_shard = _shard_sizes(len(indices), shard_size, 1 if split == "train" else min_eval_shards)
+        for s, start in enumerate(range(0, len(indices), per_shard)):
+            name = f"{split}-{s:05d}.tar"
+            chunk = [int(i) for i in indices[start : start + per_shard]]
+            task = (split, name, chunk, config_hash({"config": chash, "name": name, "chunk": chunk}))
+            rec = _finished(out_dir, name, task[3]) if resume else None
+            if rec is not None:
+                done[name] = rec
+            else:
+                tasks.append(task)
+    total = sum(len(idx) for _, idx in plan.values())
+    bar = tqdm(total=total, desc="writing shards", unit="img", disable=not progress, smoothing=0.1)
+    bar.update(sum(r["num_samples"] + len(r["skipped"]) for r in done.values()))
+    if done:
+        log.info("resuming: %d verified shard(s) kept, %d to write", len(done), len(tasks))
+    if num_workers > 1 and len(tasks) > 1:
+        ctx = mp.get_context("fork")
+        with ctx.Pool(min(num_workers, len(tasks))) as pool:
+            for entry in pool.imap_unordered(_write_shard, tasks):
+                done[entry["name"]] = entry
+                bar.update(entry["num_samples"] + len(entry["skipped"]))
+    else:
+        for task in tasks:
+            entry = _write_shard(task)
+            done[entry["name"]] = entry
+            bar.update(entry["num_samples"] + len(entry["skipped"]))
     bar.close()
-    return {"num_samples": int(len(indices)), "shards": shards}
+    splits = {}
+    for split in plan:
+        entries = [done[n] for n in sorted(done) if n.startswith(f"{split}-")]
+        skipped = [x for e in entries for x in e["skipped"]]
+        shards = [{k: e[k] for k in ("name", "num_samples", "sha256", "bytes")} for e in entries]
+        splits[split] = {"num_samples": sum(e["num_samples"] for e in shards), "shards": shards}
+        if skipped:
+            splits[split]["skipped"] = skipped
+    return splits
+
+
+def _first_shape(source: Any, indices: np.ndarray) -> tuple[int, int, int]:
+    """The shape of the first decodable image of `indices` (the shape every image must have)."""
+    for i in indices:
+        try:
+            return tuple(int(x) for x in source.item(int(i))[0].shape)
+        except UndecodableImage:
+            continue
+    raise ValueError("no decodable image in the training split")
 
 
 def load_manifest(data_dir: str | os.PathLike) -> dict:
@@ -127,7 +222,9 @@ def load_manifest(data_dir: str | os.PathLike) -> dict:
 
 def manifest_hash(manifest: dict) -> str:
     """A content hash of a dataset: the sha256 of its shards' checksums."""
-    return config_hash({"shards": {s: [x["sha256"] for x in v["shards"]] for s, v in manifest["splits"].items()}})
+    return config_hash(
+        {"shards": {s: [x["sha256"] for x in v["shards"]] for s, v in manifest["splits"].items()}}
+    )
 
 
 def verify_shards(data_dir: str | os.PathLike, manifest: dict, progress: bool = False) -> None:
@@ -161,6 +258,7 @@ def prepare_dataset(
     caption_templates: Sequence[str] = DEFAULT_TEMPLATES,
     force: bool = False,
     progress: bool = True,
+    num_workers: int = 1,
 ) -> dict:
     """Write train/val/test shards and the manifest for `source`; idempotent.
 
@@ -168,6 +266,10 @@ def prepare_dataset(
     rewritten; a different config is refused unless `force` (the old data may be in use by runs).
     `val_size` samples of the train split are a seeded hold-out; `test_size` likewise when the source
     has no test split of its own. `limit` caps the samples of every split (for tests and smoke runs).
+    Shards are streamed (memory bounded by one shard per writer, whatever the dataset size) by
+    `num_workers` processes; a killed prepare re-run keeps the shards it had finished (verified by
+    sha256) and writes the rest; the manifest is written last, atomically. Undecodable images are
+    skipped and listed under `splits.<split>.skipped` (see `datamodules.sources.decode_image`).
     """
     out_dir = Path(out_dir)
     chash = config_hash(config)
@@ -182,6 +284,8 @@ def prepare_dataset(
         verify_shards(out_dir, old, progress=progress)
         log.info("dataset %s is complete and verified at %s: skipping", name, out_dir)
         return old
+    if manifest_path.exists():  # force: the old manifest goes first, so it never lists a half-rewritten shard
+        manifest_path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
 
     train = source.load("train")
@@ -194,16 +298,23 @@ def prepare_dataset(
         plan["test"] = (test, np.arange(len(test)))
     else:
         plan["test"] = (train, parts[1])
+    if limit is not None:
+        plan = {split: (src, idx[:limit]) for split, (src, idx) in plan.items()}
     class_names = list(source.class_names)
-    splits = {}
-    for split, (src, idx) in plan.items():
-        if limit is not None:
-            idx = idx[:limit]
-        splits[split] = write_split(
-            src, idx, split, out_dir, class_names, caption_templates, seed,
-            shard_size=shard_size, min_shards=1 if split == "train" else min_eval_shards, progress=progress,
-        )  # fmt: skip
-    h, w, c = train.images.shape[1:]
+    image_shape = getattr(train, "image_shape", None) or _first_shape(train, plan["train"][1])
+    _JOB.clear()
+    _JOB.update(sources={k: v[0] for k, v in plan.items()}, out_dir=out_dir, class_names=class_names,
+                templates=list(caption_templates), seed=seed, image_shape=tuple(image_shape))  # fmt: skip
+    try:
+        splits = write_splits(plan, out_dir, chash, shard_size=shard_size, min_eval_shards=min_eval_shards,
+                              num_workers=num_workers, resume=not force, progress=progress)  # fmt: skip
+    finally:
+        _JOB.clear()
+    skipped = [x for v in splits.values() for x in v.get("skipped", [])]
+    if skipped:
+        log.warning("%d undecodable image(s) skipped (listed in %s), e.g. %s", len(skipped), manifest_path,
+                    skipped[0]["error"])  # fmt: skip
+    h, w, c = image_shape
     manifest = {
         "version": MANIFEST_VERSION,
         "name": name,
@@ -215,7 +326,105 @@ def prepare_dataset(
         "config": config,
         "config_hash": chash,
     }
+    if skipped:
+        manifest["num_skipped"] = len(skipped)
     manifest["content_hash"] = manifest_hash(manifest)
     # Shards not listed in the new manifest (a previous, larger run) are left alone; the manifest is the truth.
+    atomic_write_json(manifest_path, manifest)
+    shutil.rmtree(out_dir / PROGRESS_DIR, ignore_errors=True)  # the manifest now records every shard
+    return manifest
+
+
+IMAGE_EXTS = {"png", "jpg", "jpeg", "webp"}
+
+
+def _scan_tar(path: Path) -> dict[str, Any]:
+    """Samples, labels and the first image of one WebDataset tar (any producer: img2dataset's jpg/txt/json)."""
+    keys: dict[str, dict[str, Any]] = {}
+    first = None
+    with tarfile.open(path) as tar:
+        for m in tar:
+            match = re.match(r"^((?:.*/|)[^./]+)[.]([^/]*)$", m.name)  # WebDataset's key/extension split
+            if not m.isfile() or match is None:
+                continue
+            key, ext = match.groups()
+            rec = keys.setdefault(key, {})
+            ext = ext.lower()
+            if ext in IMAGE_EXTS:
+                rec["image"] = True
+                if first is None:
+                    first = tar.extractfile(m).read()
+            elif ext == "cls":
+                rec["cls"] = int(tar.extractfile(m).read().decode().strip())
+            elif ext == "json" and "cls" not in rec:
+                try:
+                    meta = json.loads(tar.extractfile(m).read())
+                except json.JSONDecodeError:
+                    meta = {}
+                if isinstance(meta, dict) and isinstance(meta.get("label"), int):
+                    rec["cls"] = meta["label"]
+                    if meta.get("class_name"):
+                        rec["class_name"] = str(meta["class_name"])
+    samples = [r for r in keys.values() if r.get("image")]
+    return {"num_samples": len(samples), "labels": {r["cls"]: r.get("class_name") for r in samples if "cls" in r},
+            "first": first}  # fmt: skip
+
+
+def scan_shards(
+    root: str | os.PathLike, out_dir: str | os.PathLike, *, name: str, config: dict, val_shards: int = 1,
+    test_shards: int = 1, force: bool = False, progress: bool = True,
+) -> dict:  # fmt: skip
+    """A manifest for existing WebDataset shards under `root` (`data=webdataset`); the shards are not copied.
+
+    Shards named `train-*.tar`, `val-*.tar`, `test-*.tar` form those splits; otherwise all `*.tar` files
+    (sorted) are the training split except the last `val_shards` (validation) and, before them,
+    `test_shards` (test). Samples are counted by scanning each tar; images may be `png`, `jpg`, `jpeg` or
+    `webp`; labels come from `cls` or the `label` of `json` (none: one class); captions from `txt`.
+    The manifest lists the shards by absolute path with their sha256 and size, written atomically.
+    """
+    root, out_dir = Path(root).resolve(), Path(out_dir)
+    manifest_path = out_dir / MANIFEST
+    chash = config_hash(config)
+    if manifest_path.exists() and not force:
+        old = load_manifest(out_dir)
+        if old.get("config_hash") == chash:
+            verify_shards(out_dir, old, progress=progress)
+            return old
+        raise FileExistsError(f"{manifest_path} was written with a different config; re-run with force=true")
+    tars = sorted(p for p in root.rglob("*.tar") if not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not tars:
+        raise FileNotFoundError(f"no .tar shards under {root} (data.source.root)")
+    named = {s: [p for p in tars if p.name.startswith(f"{s}-")] for s in ("train", "val", "test")}
+    if named["train"] and named["val"]:
+        groups = {**named, "test": named["test"] or named["val"]}
+    else:
+        if len(tars) < 1 + val_shards + test_shards:
+            raise ValueError(f"{len(tars)} shard(s) under {root}: need at least {1 + val_shards + test_shards} for "
+                             f"train + data.val_shards={val_shards} + data.test_shards={test_shards}")  # fmt: skip
+        n_train = len(tars) - val_shards - test_shards
+        groups = {"train": tars[:n_train], "test": tars[n_train : n_train + test_shards],
+                  "val": tars[n_train + test_shards :]}  # fmt: skip
+    splits, labels, first = {}, {}, None
+    for split, paths in groups.items():
+        shards = []
+        for p in tqdm(paths, desc=f"scanning {split}", disable=not progress):
+            info = _scan_tar(p)
+            labels.update({k: v for k, v in info["labels"].items() if v or k not in labels})
+            first = first or info["first"]
+            shards.append({"name": str(p), "num_samples": info["num_samples"], "sha256": sha256_file(p),
+                           "bytes": p.stat().st_size})  # fmt: skip
+        splits[split] = {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards}
+    if first is None:
+        raise ValueError(f"no image (png/jpg/jpeg/webp) in the shards under {root}")
+    with Image.open(io.BytesIO(first)) as im:
+        w, h = im.size
+        c = 1 if im.mode in ("L", "I;16", "I", "1") else 3
+    num_classes = max(labels, default=0) + 1
+    class_names = [labels.get(i) or str(i) for i in range(num_classes)]
+    manifest = {"version": MANIFEST_VERSION, "name": name, "splits": splits, "image_shape": [h, w, c],
+                "num_classes": num_classes, "class_names": class_names, "caption_templates": [],
+                "config": config, "config_hash": chash, "source_root": str(root)}  # fmt: skip
+    manifest["content_hash"] = manifest_hash(manifest)
+    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(manifest_path, manifest)
     return manifest

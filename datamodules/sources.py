@@ -7,13 +7,14 @@ A source yields `(image, label, meta)` with `image` a uint8 array (H, W, C), `la
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 FASHION_MNIST_CLASSES = (
     "t-shirt", "trouser", "pullover", "dress", "coat",
@@ -55,6 +56,10 @@ class ArraySource:
     labels: np.ndarray
     origin: str
 
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(int(x) for x in self.images.shape[1:])
+
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -83,47 +88,202 @@ class FashionMNIST:
         return ArraySource(images[..., None], labels.astype(np.int64), origin=f"fashion-mnist/{split}")
 
 
+class UndecodableImage(ValueError):
+    """An image file that cannot be decoded; prepare skips it and lists it in the manifest."""
+
+
+def decode_image(
+    path: str | Path,
+    channels: int = 3,
+    image_size: int | None = None,
+    background: Sequence[int] = (255, 255, 255),
+) -> np.ndarray:
+    """Decode one image file to uint8 (H, W, channels) under the decoding policy of prepare.
+
+    Policy (docs/ARCHITECTURE.md, "Shards and manifest"):
+    - EXIF orientation is applied (`ImageOps.exif_transpose`), so the image is stored upright.
+    - 16-bit images (`I;16*`, `I`) are scaled to 8 bits (v / 257, rounded), not clipped.
+    - Palette images (`P`) are expanded; with a transparent colour they are treated as RGBA.
+    - Alpha (`RGBA`, `LA`, `PA`) is composited on `background` (white by default), never dropped.
+    - CMYK (and YCbCr, LAB, 1-bit) are converted with Pillow's conversion to RGB/L (no ICC colour management).
+    - With `image_size`, the shorter side is resized to `image_size` (bicubic, antialiased) and the centre
+      cropped to a square, as LDM's ImageNet preprocessing does (Rombach et al. 2022).
+    - A file Pillow cannot decode raises `UndecodableImage` naming it (prepare skips it and lists it).
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+                arr = np.asarray(im).astype(np.float64)
+                im = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
+            elif im.mode == "F":
+                arr = np.asarray(im, dtype=np.float64)
+                im = Image.fromarray(
+                    np.clip(np.rint(arr * (255.0 if arr.max() <= 1.0 else 1.0)), 0, 255).astype(np.uint8)
+                )
+            if im.mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+                rgba = im.convert("RGBA")
+                bg = Image.new("RGBA", rgba.size, (*[int(b) for b in background], 255))
+                im = Image.alpha_composite(bg, rgba).convert("RGB")
+            im = im.convert("L" if channels == 1 else "RGB")
+            if image_size is not None and im.size != (image_size, image_size):
+                w, h = im.size
+                scale = image_size / min(w, h)
+                nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+                im = im.resize((nw, nh), Image.BICUBIC)
+                left, top = (nw - image_size) // 2, (nh - image_size) // 2
+                im = im.crop((left, top, left + image_size, top + image_size))
+            arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UndecodableImage(f"cannot decode image {path}: {e}") from e
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def original_bytes(path: str | Path, channels: int, image_size: int | None) -> tuple[str, bytes] | None:
+    """`("jpg" | "png", the file's bytes)` when storing the file untouched gives the same pixels as
+    `decode_image` (a JPEG/PNG already upright, in the target mode and size); otherwise None."""
+    try:
+        with Image.open(path) as im:
+            fmt, mode, size = im.format, im.mode, im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    if fmt not in ("JPEG", "PNG") or mode != ("L" if channels == 1 else "RGB") or orientation not in (0, 1):
+        return None
+    if image_size is not None and size != (image_size, image_size):
+        return None
+    return ("jpg" if fmt == "JPEG" else "png"), Path(path).read_bytes()
+
+
+def _visible(p: Path) -> bool:
+    return not p.name.startswith(".")
+
+
+def read_captions(folder: Path) -> dict[str, str]:
+    """Captions of a folder: `metadata.jsonl` lines `{"file_name": ..., "text": ...}` (the diffusers /
+    Hugging Face imagefolder convention), keyed by file name relative to `folder`."""
+    path = folder / "metadata.jsonl"
+    if not path.exists():
+        return {}
+    out = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out[str(row["file_name"])] = str(row["text"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{path} line {n}: expected a JSON object with 'file_name' and 'text' ({e!r})"
+            ) from e
+    return out
+
+
+class FileSource:
+    """A lazy list of image files: decoded one at a time by `item`, so memory does not grow with the dataset."""
+
+    def __init__(self, files: list[tuple[Path, int, str | None]], root: Path, channels: int,
+                 image_size: int | None, background: Sequence[int], keep_original: bool = False) -> None:  # fmt: skip
+        self.files, self.root, self.keep_original = files, root, keep_original
+        self.channels, self.image_size, self.background = channels, image_size, tuple(background)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def item(self, index: int) -> tuple[np.ndarray, int, dict]:
+        path, label, caption = self.files[index]
+        image = decode_image(path, self.channels, self.image_size, self.background)
+        meta: dict = {"file": str(path.relative_to(self.root)), "index": int(index)}
+        if caption is not None:
+            meta["caption"] = caption
+        if self.keep_original and (raw := original_bytes(path, self.channels, self.image_size)) is not None:
+            meta["_encoded"] = raw  # the writer stores these bytes under their own key, not re-encoded
+        return image, label, meta
+
+
 class ImageFolder:
     """A folder of class sub-folders of images (`root/<class>/<image>`), like torchvision's ImageFolder.
 
     A `test` sub-folder with the same class layout becomes the test split when present
     (`root/train/<class>/...` and `root/test/<class>/...`); otherwise the test split is held out.
+    Hidden folders and files (names starting with `.`, e.g. `.ipynb_checkpoints`) are ignored.
+    Class folders may be ImageNet synsets (`n01440764`); `class_map` names a file of lines
+    `<folder> <class name...>` (ImageNet's `LOC_synset_mapping.txt`) giving the class names.
+    Captions: a sidecar `<image stem>.txt` next to an image, or a `metadata.jsonl` in the class folder or
+    the split root (`file_name`, `text`); images without one get a template caption from the class.
+    Images are decoded by `decode_image` (the policy is stated there). With `keep_original`, a JPEG or PNG
+    that needs no conversion (upright, target mode and size) is stored as its original bytes (`jpg`/`png`
+    key) instead of a re-encoded PNG: no generation loss, smaller shards; the DataModule decodes both.
     """
 
-    def __init__(self, root: str, channels: int = 3, image_size: int | None = None) -> None:
+    def __init__(self, root: str, channels: int = 3, image_size: int | None = None,
+                 class_map: str | None = None, background: Sequence[int] = (255, 255, 255),
+                 keep_original: bool = False) -> None:  # fmt: skip
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist (data.source.root)")
         self.channels = channels
         self.image_size = image_size
+        self.background = tuple(background)
+        self.keep_original = keep_original
         base = self.root / "train" if (self.root / "train").is_dir() else self.root
-        self.class_names = sorted(p.name for p in base.iterdir() if p.is_dir() and p.name != "test")
-        if not self.class_names:
-            raise ValueError(f"image folder {base} has no class sub-folders (expected {base}/<class>/<image>)")
+        self.folders = sorted(
+            p.name for p in base.iterdir() if p.is_dir() and _visible(p) and p.name != "test"
+        )
+        if not self.folders:
+            raise ValueError(
+                f"image folder {base} has no class sub-folders (expected {base}/<class>/<image>)"
+            )
+        self.class_names = list(self.folders)
+        if class_map:
+            mapping = self._read_class_map(Path(class_map))
+            missing = [f for f in self.folders if f not in mapping]
+            if missing:
+                raise ValueError(
+                    f"class map {class_map} has no entry for class folder(s) {missing[:5]} of {base}"
+                )
+            self.class_names = [mapping[f] for f in self.folders]
         self.has_test = (self.root / "test").is_dir() and base != self.root
+        self.image_shape = (image_size, image_size, channels) if image_size else None
 
-    def _files(self, base: Path) -> list[tuple[Path, int]]:
-        out = []
-        for label, name in enumerate(self.class_names):
-            folder = base / name
-            if folder.is_dir():
-                out += [(p, label) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    @staticmethod
+    def _read_class_map(path: Path) -> dict[str, str]:
+        if not path.exists():
+            raise FileNotFoundError(f"class map {path} does not exist (data.source.class_map)")
+        out = {}
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                parts = line.strip().split(maxsplit=1)
+                if len(parts) != 2:
+                    raise ValueError(f"{path} line {n}: expected '<folder> <class name>', got {line!r}")
+                out[parts[0]] = parts[1].split(",")[0].strip()
         return out
 
-    def _read(self, path: Path) -> np.ndarray:
-        with Image.open(path) as im:
-            im = im.convert("L" if self.channels == 1 else "RGB")
-            if self.image_size is not None and im.size != (self.image_size, self.image_size):
-                im = im.resize((self.image_size, self.image_size), Image.BICUBIC)
-            arr = np.asarray(im, dtype=np.uint8)
-        return arr[..., None] if arr.ndim == 2 else arr
+    def _files(self, base: Path) -> list[tuple[Path, int, str | None]]:
+        out = []
+        top = read_captions(base)
+        for label, name in enumerate(self.folders):
+            folder = base / name
+            if not folder.is_dir():
+                continue
+            local = read_captions(folder)
+            for p in sorted(folder.iterdir()):
+                if not (_visible(p) and p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+                    continue
+                sidecar = p.with_suffix(".txt")
+                caption = local.get(p.name, top.get(f"{name}/{p.name}"))
+                if sidecar.exists():
+                    caption = sidecar.read_text(encoding="utf-8").strip()
+                out.append((p, label, caption))
+        return out
 
-    def load(self, split: str) -> ArraySource:
+    def load(self, split: str) -> FileSource:
         base = self.root / "train" if split == "train" and self.has_test else self.root
         base = self.root / "test" if split == "test" and self.has_test else base
         files = self._files(base)
         if not files:
             raise ValueError(f"no images found under {base} (extensions {IMAGE_EXTENSIONS})")
-        images = np.stack([self._read(p) for p, _ in files])
-        labels = np.array([lbl for _, lbl in files], dtype=np.int64)
-        return ArraySource(images, labels, origin=str(base))
+        return FileSource(files, base, self.channels, self.image_size, self.background, self.keep_original)

@@ -30,6 +30,11 @@ from datamodules.shards import load_manifest
 log = logging.getLogger(__name__)
 
 
+# Image keys a sample may carry: prepare writes `png`; shards of other producers (img2dataset) carry the
+# original encoded bytes as `jpg`/`jpeg`/`webp`. Pillow decodes each the same way.
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+
+
 class ShardReadError(RuntimeError):
     """A shard could not be opened or read (missing, truncated, not a tar)."""
 
@@ -140,8 +145,8 @@ class SampleDecoder:
     def __call__(self, sample: dict) -> dict | None:
         key = sample.get("__key__", "?")
         try:
-            image = self.to_tensor(sample["png"])
-            label = int(sample["cls"])
+            image = self.to_tensor(next(sample[k] for k in IMAGE_KEYS if k in sample))
+            label = int(sample["cls"]) if "cls" in sample else 0  # caption-only shards (img2dataset): one class
             caption = sample["txt"].decode("utf-8") if "txt" in sample else ""
         except Exception as e:  # noqa: BLE001 - any undecodable sample is skipped, not fatal
             with self.counter.get_lock():

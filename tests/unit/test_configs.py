@@ -51,7 +51,7 @@ def test_stage_x_experiment_composes(stage, experiment):
 )
 def test_every_group_option_composes(group, extra):
     for option in options(group):
-        resolve(compose_cfg("train", [f"{group}={option}", *(extra if option == "imagefolder" else [])]))
+        resolve(compose_cfg("train", [f"{group}={option}", *(extra if option in ("imagefolder", "webdataset") else [])]))
 
 
 def test_callbacks_group_has_a_file_per_stage():

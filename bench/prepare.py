@@ -1,0 +1,112 @@
+"""Prepare throughput and peak memory on generated image folders, 1 vs 2 writer processes, side by side.
+
+    python bench/prepare.py [--sizes 20000 100000] [--workers 1 2] [--image 48] [--shard-size 1000]
+
+For each size, a folder of small random JPEGs (two class folders, `--image` px, plus 3 corrupt files) is
+generated once under a temporary directory; then `prepare_dataset` (the code of `python -m pipeline.prepare
+data=imagefolder`) runs in a fresh process per worker count. Reported: images/s over the whole prepare
+(listing, decoding, PNG encoding, sha256, manifest) and the peak resident memory of the largest process
+(max of the parent's and any writer's ru_maxrss; with 2 workers the total is about twice that). The
+targets of issue 14: peak memory independent of the dataset size (within 15% from 20k to 100k images)
+and 2 workers at least 1.7x the images/s of 1 on a 2-core machine. The CPU (lscpu model name and the
+SIMD flags) is printed with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown CPU"
+    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = set(info.get("Flags", "").split())
+    simd = [f for f in ("sse4_2", "avx", "avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{info.get('Model name', '?').strip()} ({info.get('CPU(s)', '?').strip()} CPUs; {' '.join(simd)})"
+
+
+def make_folder(root: Path, n: int, px: int) -> None:
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (64, px, px, 3), dtype=np.uint8)  # a few patterns: generation stays cheap
+    for i in range(n):
+        d = root / ("a" if i % 2 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.roll(base[i % 64], i % px, axis=1)).save(d / f"{i:07d}.jpg", quality=90)
+    for i in range(3):
+        (root / "a" / f"corrupt{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+
+
+def run_one(folder: str, out: str, workers: int, shard_size: int, px: int) -> None:
+    """In a fresh process: one prepare; print images/s and the peak RSS (MiB) as JSON."""
+    sys.path.insert(0, str(REPO))
+    from datamodules.shards import prepare_dataset
+    from datamodules.sources import ImageFolder
+
+    t0 = time.perf_counter()
+    m = prepare_dataset(ImageFolder(folder, channels=3, image_size=px), out, name="bench", config={},
+                        val_size=500, test_size=500, shard_size=shard_size, num_workers=workers,
+                        progress=False)  # fmt: skip
+    took = time.perf_counter() - t0
+    n = sum(v["num_samples"] for v in m["splits"].values()) + m.get("num_skipped", 0)
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    print(json.dumps({"images_per_s": n / took, "peak_mib": peak / 1024, "skipped": m.get("num_skipped", 0)}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[20000, 100000])
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--image", type=int, default=48)
+    ap.add_argument("--shard-size", type=int, default=1000)
+    ap.add_argument("--_one", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--_w", type=int, default=1, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._one:
+        run_one(args._one[0], args._one[1], args._w, args.shard_size, args.image)
+        return
+    print(f"CPU: {cpu_name()}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
+        for n in args.sizes:
+            folder = Path(tmp) / f"imgs{n}"
+            t0 = time.perf_counter()
+            make_folder(folder, n, args.image)
+            print(f"generated {n} JPEGs ({args.image}px, 3 corrupt) in {time.perf_counter() - t0:.0f}s", flush=True)
+            for w in args.workers:
+                out = Path(tmp) / f"out{n}_{w}"
+                cmd = [sys.executable, __file__, "--_one", str(folder), str(out), "--_w", str(w),
+                       "--shard-size", str(args.shard_size), "--image", str(args.image)]  # fmt: skip
+                res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+                rows.append((n, w, res))
+                print(f"  {n} images, {w} worker(s): {res['images_per_s']:.0f} img/s, peak {res['peak_mib']:.0f} MiB",
+                      flush=True)  # fmt: skip
+                shutil.rmtree(out)
+            shutil.rmtree(folder)
+    print(f"\n{'images':>8} | " + " | ".join(f"{w} worker(s): img/s, peak MiB" for w in args.workers))
+    for n in args.sizes:
+        cells = [r for (m, _, r) in rows if m == n]
+        print(f"{n:>8} | " + " | ".join(f"{r['images_per_s']:>10.0f}, {r['peak_mib']:>6.0f}" + " " * 12 for r in cells))
+    for n in args.sizes:
+        by_w = {w: r for (m, w, r) in rows if m == n}
+        if 1 in by_w and 2 in by_w:
+            print(f"{n}: 2 workers / 1 worker = {by_w[2]['images_per_s'] / by_w[1]['images_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
