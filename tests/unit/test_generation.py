@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lightning_modules.artifacts import StageMismatchError, load_classifier
 from lightning_modules.codec import LatentCodec
-from lightning_modules.diffusion import DDIMSampler, DDPMSampler, sample
+from lightning_modules.diffusion import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler, sample
 from lightning_modules.generation import GuidanceSetting, generate
 from tests import tiny_checkpoints as tiny
 
@@ -31,12 +31,14 @@ def _by_hand_uint8(bundle, z: torch.Tensor) -> np.ndarray:
     return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def test_generate_equals_the_chain_written_out_by_hand(tiny_run):
+@pytest.mark.parametrize("sampler", [DDPMSampler(num_steps=3), DPMSolverPP2MSampler(num_steps=4)], ids=["ddpm", "dpmpp_2m"])
+def test_generate_equals_the_chain_written_out_by_hand(tiny_run, sampler):
     """CFG at s = 3 with guidance rescale, a negative class and classifier guidance: the same images as the
     denoiser eps_u + s (eps_c - eps_u) (rescaled, Lin et al. 2023 eq. 15-16) and the classifier gradient
-    s_cls grad log p(y | z_t, t) written out, through the bare sampling loop, decoded by D(z / scale)."""
+    s_cls grad log p(y | z_t, t) written out, through the bare sampling loop, decoded by D(z / scale).
+    DDPM applies the gradient through `condition_mean`, DPM-Solver++ through the guided eps."""
     bundle, classifier = tiny_run
-    sampler, labels, seeds = DDPMSampler(num_steps=3), torch.tensor([2, 7]), [5, 6]
+    labels, seeds = torch.tensor([2, 7]), [5, 6]
     setting = GuidanceSetting("both", cfg_scale=3.0, cls_scale=2.0, rescale_phi=0.5, negative=4)
     got = generate(bundle.unet, LatentCodec.of(bundle), bundle.conditioner, setting, sampler, bundle.schedule,
                    bundle.prediction_type, labels, seeds, latent_shape=bundle.latent_shape, labels=labels,
