@@ -107,10 +107,15 @@ def learned_range_log_variance(values: Tensor, min_log: Tensor, max_log: Tensor)
     return frac * max_log + (1 - frac) * min_log
 
 
+def _ascending(timesteps: Tensor | list[int]) -> list[int]:
+    """The distinct timesteps of a chain, ascending (chains are stored descending)."""
+    return sorted({int(t) for t in (timesteps.tolist() if isinstance(timesteps, Tensor) else timesteps)})
+
+
 def respaced_betas(alphas_cumprod: Tensor, timesteps: Tensor | list[int]) -> Tensor:
     """Betas of the chain through `timesteps` (any order; sorted ascending): 1 - abar_t / abar_prev with
     abar_prev = 1 before the first (guided-diffusion `SpacedDiffusion.__init__`). float64 (len(timesteps),)."""
-    use = sorted({int(t) for t in (timesteps.tolist() if isinstance(timesteps, Tensor) else timesteps)})
+    use = _ascending(timesteps)
     abar = alphas_cumprod.to(torch.float64)[use]
     abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
     return 1.0 - abar / abar_prev
@@ -150,7 +155,7 @@ class VarianceTables:
     @classmethod
     def respaced(cls, schedule: NoiseSchedule, timesteps: Tensor | list[int]) -> VarianceTables:
         """The chain through `timesteps` of `schedule`, betas recomputed (`respaced_betas`)."""
-        use = sorted({int(t) for t in (timesteps.tolist() if isinstance(timesteps, Tensor) else timesteps)})
+        use = _ascending(timesteps)
         return cls.from_betas(respaced_betas(schedule.alphas_cumprod, use), torch.tensor(use))
 
 
