@@ -91,6 +91,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "trainer.check_val_every_n_epoch": Rule(int, low=0, low_open=True, optional=True),
     "stage.seed": SEED,
     "stage.checkpoint_every_n_steps": POSITIVE_INT,
+    "nonfinite_tolerance": COUNT,
     "stage.*.lr": POSITIVE,
     "stage.*.weight_decay": NON_NEGATIVE,
     "stage.*.warmup_steps": COUNT,

@@ -152,6 +152,18 @@ def test_every_shipped_config_passes_the_rules():
                 assert violations(compose("evaluate", overrides=ov), EVALUATE_RULES) == [], ov
 
 
+def test_a_negative_nonfinite_tolerance_is_refused():
+    """`nonfinite_tolerance` is read by the non-finite guard of every stage: a negative count is a config error."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config_checks import TRAIN_RULES, violations
+    from tests.conftest import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["stage=feature_net", "nonfinite_tolerance=-1"])
+    assert [v for v in violations(cfg, TRAIN_RULES) if v.startswith("nonfinite_tolerance=-1")], violations(cfg, TRAIN_RULES)
+
+
 def test_bad_evaluate_override_is_refused_before_anything_loads(tiny_data, tmp_path):
     """The sweep checks its keys first: no checkpoint is needed to be told that a value is wrong."""
     proc = run_cli("pipeline.evaluate", *tiny_overrides(tiny_data, tmp_path), "num_samples=0", "batch_size=-4",
