@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 EXPERIMENT ?= fashion_mnist_quick
 ARGS ?=
 
-.PHONY: run test test-all setup system-deps lint bench clean
+.PHONY: run test test-all setup system-deps lint bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,13 @@ lint: setup
 
 bench: setup system-deps
 	$(PY) bench/dataloader.py
+
+# The GPU path in one call: every stage's training step (bf16-mixed, torch.compile) at the LDM-4 and demo
+# sizes, the U-Net's MFU, SDPA backends and debug=fdr of each stage on CUDA (~5 min on one GPU); not in
+# `make test` (tests/unit/test_gpu_check.py runs its CPU form). A machine without our dependencies: see
+# bench/gpu_wheels.sh.
+gpu-check: setup
+	$(PY) bench/gpu_check.py --device cuda $(ARGS)
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache
