@@ -47,6 +47,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -84,6 +85,26 @@ TINY = {
     "demo": [],
 }
 TINY_BATCH = 4
+
+
+class PartTimeout(BaseException):
+    """Raised in the main thread when a part overruns its time (a BaseException: no fallback catches it)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Interrupt the block after `seconds` (SIGALRM; the main thread), so one slow part cannot eat the budget."""
+
+    def expire(signum, frame):
+        raise PartTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def sync(device: torch.device) -> None:
@@ -157,8 +178,11 @@ def perceptual_net(cfg, fn_cfg, tmp: Path) -> nn.Module | None:
     return None
 
 
+COMPILE_BACKEND = "inductor"  # --compile-backend (aot_eager: dynamo + AOT autograd without code generation)
+
+
 def maybe_compile(net: nn.Module, on: bool) -> nn.Module:
-    return torch.compile(net) if on else net
+    return torch.compile(net, backend=COMPILE_BACKEND) if on else net
 
 
 def step_autoencoder(cfg, device, args, tmp, compile_on: bool):
@@ -172,7 +196,10 @@ def step_autoencoder(cfg, device, args, tmp, compile_on: bool):
                                disc_start=0).to(device)  # fmt: skip
     opt_g = instantiate(m.optimizer)([*ae.parameters(), *loss.generator_parameters()])
     opt_d = instantiate(m.disc_optimizer)(disc.parameters())
-    ae_c, disc_c = maybe_compile(ae, compile_on), maybe_compile(disc, compile_on)
+    if compile_on:  # encoder and decoder in place: the posterior object stays outside the compiled graphs
+        ae.encoder.compile(backend=COMPILE_BACKEND)
+        ae.decoder.compile(backend=COMPILE_BACKEND)
+    ae_c, disc_c = ae, maybe_compile(disc, compile_on)
     b, c, s = int(cfg.data.batch_size), int(cfg.data.channels), int(cfg.data.image_size)
     x = torch.rand(b, c, s, s, device=device) * 2 - 1
 
@@ -325,7 +352,8 @@ def train_part(size: str, stage: str, device: torch.device, args, tmp: Path, bat
     args.size_now = size
     cfg = compose_stage(size, stage, args.trainer, args.tiny, batch)
     compile_on = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-    result: dict = {"batch_size": int(cfg.data.batch_size), "precision": args.precision, "compiled": compile_on}
+    result: dict = {"batch_size": int(cfg.data.batch_size), "precision": args.precision, "compiled": compile_on,
+                    **({"compile_backend": COMPILE_BACKEND} if compile_on else {})}
     step, batch, flops_fn, nets = STEPS[stage](cfg, device, args, tmp, compile_on)
     result["parameters"] = {name: sum(p.numel() for p in net.parameters()) for name, net in nets.items()}
     try:
@@ -435,7 +463,9 @@ def cli(module: str, overrides: list[str], env: dict, timeout: float) -> dict:
                               text=True, timeout=max(timeout, 1))  # fmt: skip
         rc, out, err = proc.returncode, proc.stdout, proc.stderr
     except subprocess.TimeoutExpired as exc:
-        rc, out, err = 124, str(exc.stdout or ""), f"timed out after {timeout:.0f} s"
+        partial = exc.stdout or b""  # bytes even with text=True (CPython)
+        out = partial.decode(errors="replace") if isinstance(partial, bytes) else partial
+        rc, err = 124, f"timed out after {timeout:.0f} s"
     result = {"command": f"python -m {module} {' '.join(overrides)}", "exit_code": rc,
               "seconds": time.perf_counter() - t0}  # fmt: skip
     if rc != 0:
@@ -551,8 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     parser.add_argument("--precision", choices=["bf16-mixed", "32"], default="bf16-mixed")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on for cuda")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: a quick CPU check)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak")
     parser.add_argument("--budget-s", type=float, default=270.0, help="parts that would start later are skipped")
+    parser.add_argument("--part-timeout-s", type=float, default=150.0, help="a training/SDPA part is stopped after this")
     parser.add_argument("--fdr-grace-s", type=float, default=60.0, help="a started CLI run may overrun the budget by this")
     parser.add_argument("--parts", default="env,sdpa,train,fdr", help="comma-separated subset of env,sdpa,train,fdr")
     parser.add_argument("--sizes", default="ldm4,demo")
@@ -566,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    global COMPILE_BACKEND
+    COMPILE_BACKEND = args.compile_backend
     if args.big_unet_batch is None:
         args.big_unet_batch = 128 if device.type == "cuda" and not args.tiny else 0
     args.trainer = "gpu" if device.type == "cuda" else "cpu"
@@ -588,8 +622,12 @@ def main(argv: list[str] | None = None) -> int:
             record(name, {"skipped": "over --budget-s"})
             return
         t0 = time.perf_counter()
+        limit = max(30.0, min(args.part_timeout_s, deadline - t0 + args.fdr_grace_s))
         try:
-            value = fn()
+            with time_limit(limit):
+                value = fn()
+        except PartTimeout:
+            value = {"error": f"PartTimeout: stopped after {limit:.0f} s (--part-timeout-s / --budget-s)"}
         except Exception as err:  # noqa: BLE001  (one part's failure must not stop the others)
             value = {"error": f"{type(err).__name__}: {err}"[:2000], "traceback": traceback.format_exc()[-4000:]}
         value["part_s"] = time.perf_counter() - t0

@@ -24,7 +24,7 @@ def test_gpu_check_cpu_tiny(tmp_path):
     proc = subprocess.run(
         [sys.executable, "bench/gpu_check.py", "--device", "cpu", "--tiny", "--steps", "2", "--warmup", "1",
          "--peak-tflops", "1.0", "--threads", "1", "--fdr-stages", "feature_net_perceptual", "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
