@@ -102,7 +102,8 @@ def test_features_equal_torch_fidelity_extraction(weights, inception):
         for key in ("pooled", "logits"):
             # Same network, same batch, same input: equal up to float32 round-off (measured: identical).
             np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-6, atol=1e-6, err_msg=key)
-        assert np.std(ours["pooled"], axis=0).max() > 1e-3  # the random weights do tell images apart
+        if len(ours_in) > 1:
+            assert np.std(ours["pooled"], axis=0).max() > 1e-3  # the random weights do tell images apart
 
 
 def test_spatial_features_are_mixed_6_conv_first_7_channels_in_hwc_order(inception):
