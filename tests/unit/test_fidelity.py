@@ -129,7 +129,7 @@ def test_spatial_features_are_mixed_6_conv_first_7_channels_in_hwc_order(incepti
     assert spatial[1].reshape(17, 17, 7)[5, 11, 3] == pytest.approx(float(fmap[1, 3, 5, 11]), rel=1e-5, abs=1e-6)
 
 
-@pytest.mark.slow  # 32 InceptionV3 forwards at 299x299 and three 2048x2048 eigen/sqrtm problems: ~1-2 min on 2 CPU cores
+@pytest.mark.slow  # 32 InceptionV3 forwards at 299 and four ~2048x2048 sqrtm/eigen problems: 434 s on 2 shared cores
 def test_scorer_matches_torch_fidelity_calculate_metrics(weights, inception):
     """End to end: `Scorer` (as pipeline.evaluate builds it) on 8 samples against 8 real images, and
     torch_fidelity.calculate_metrics on the same uint8 images with the same weights file.
