@@ -4,7 +4,9 @@ For each setting (a `GuidanceSetting` of `eval.settings.expand_settings`, or a p
 `eval.sampler_sweep.SweepSetting`), `SweepJob.run_setting` writes into
 `<out_dir>/<setting.name>/` the sample store of `eval.samples` (samples.npz, grid.png) and
 
-    metrics.json   FID, IS, precision/recall, (KID), class accuracy, the setting and its hashes
+    metrics.json   FID, sFID, IS, precision/recall, (KID), class accuracy, the setting, its hashes, and what
+                   the numbers were computed with: feature network and weights sha256, reference, IS split
+                   convention, number of samples and their seeds
 
 Resumability: a setting whose metrics.json carries the current config hash is skipped; samples.npz with
 the current samples hash is scored without sampling again; sampling itself is checkpointed per batch
@@ -160,6 +162,7 @@ class SweepJob:
         metrics = self.scorer(images, labels)
         metrics = {
             **setting.as_row(), **metrics, "num_samples": int(len(images)),
+            "seeds": f"{self.sample_seed}..{self.sample_seed + len(images) - 1} (sample i: sample_seed + i)",
             **self.generator.describe(setting),
             "sampling_seconds": sampling_seconds, "scoring_seconds": time.perf_counter() - start,
             "grid": str(Path(setting.name) / "grid.png"), "config_hash": self.metrics_hash(setting),

@@ -67,15 +67,30 @@ def _sqrtm_product(sigma1: np.ndarray, sigma2: np.ndarray) -> tuple[np.ndarray, 
     return covmean, singular
 
 
-def frechet_distance(
-    mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike, eps: float = 1e-6
-) -> float:
+def _trace_sqrt_psd_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr (sigma1 sigma2)^(1/2) for covariances sigma1, sigma2, singular or not: sigma1 sigma2 has the eigenvalues
+    of the PSD matrix sigma1^(1/2) sigma2 sigma1^(1/2) (AB and BA share their non-zero eigenvalues), so the trace
+    of its principal root is the sum of their square roots; round-off negatives count as 0."""
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    lam = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
+    scale = max(float(np.abs(w).max(initial=0.0)), float(np.abs(lam).max(initial=0.0)), 1e-300)
+    if w.min(initial=0.0) < -1e-6 * scale or lam.min(initial=0.0) < -1e-6 * scale:
+        raise ValueError("sigma1 and sigma2 must be covariances (symmetric positive semi-definite): "
+                         f"eigenvalues down to {min(w.min(), lam.min()):.3g}")  # fmt: skip
+    return float(np.sqrt(np.clip(lam, 0, None)).sum())
+
+
+def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, eq. 6):
 
         d^2 = ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)).
 
-    mu: (D,), sigma: (D, D). When the product is singular or its root is not finite, both
-    covariances get `eps * I` added (as pytorch-fid does) so the square root exists.
+    mu: (D,), sigma: (D, D). Tr (sigma1 sigma2)^(1/2) comes from scipy's sqrtm, as in pytorch-fid and
+    guided-diffusion. When sqrtm flags the product as singular (fewer samples than dimensions, dead features)
+    or its root is not finite, the trace is taken exactly from the eigenvalues instead (as torch-fidelity
+    does, `_trace_sqrt_psd_product`), not by adding eps * I to both covariances as pytorch-fid does, which
+    lowers the distance by about 2 eps per null direction (4e-3 for 2048-d Inception features of few samples).
     """
     mu1, mu2 = np.atleast_1d(_as_float64(mu1)), np.atleast_1d(_as_float64(mu2))
     sigma1, sigma2 = np.atleast_2d(_as_float64(sigma1)), np.atleast_2d(_as_float64(sigma2))
@@ -84,17 +99,18 @@ def frechet_distance(
 
     covmean, singular = _sqrtm_product(sigma1, sigma2)
     if singular or not np.isfinite(covmean).all():
-        offset = np.eye(len(mu1)) * eps
-        covmean, _ = _sqrtm_product(sigma1 + offset, sigma2 + offset)
-    if np.iscomplexobj(covmean):
-        # A PSD product has a real root; small imaginary parts are round-off, large ones a real failure.
-        max_imag = float(np.max(np.abs(np.diagonal(covmean).imag)))
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm(sigma1 @ sigma2) has a large imaginary component ({max_imag:.3g})")
-        covmean = covmean.real
+        tr_covmean = _trace_sqrt_psd_product(sigma1, sigma2)
+    else:
+        if np.iscomplexobj(covmean):
+            # A PSD product has a real root; small imaginary parts are round-off, large ones a real failure.
+            max_imag = float(np.max(np.abs(np.diagonal(covmean).imag)))
+            if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+                raise ValueError(f"sqrtm(sigma1 @ sigma2) has a large imaginary component ({max_imag:.3g})")
+            covmean = covmean.real
+        tr_covmean = float(np.trace(covmean))
 
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
 def fid_from_features(real: ArrayLike, fake: ArrayLike) -> float:
@@ -102,18 +118,49 @@ def fid_from_features(real: ArrayLike, fake: ArrayLike) -> float:
     return frechet_distance(*feature_statistics(real), *feature_statistics(fake))
 
 
+IS_SPLIT_CONVENTIONS = ("splits", "split_size")
+
+
+def inception_score_splits(n: int, splits: int | None = 10, split_size: int | None = None) -> list[slice]:
+    """The consecutive chunks of N samples that the Inception Score averages over, in one of two conventions:
+
+    splits=S (split_size None): S chunks with bounds floor(i N / S), as the original code of Salimans et al.
+        (openai/improved-gan `inception_score/model.py`) and torch-fidelity (`isc_features_to_metric`) cut them;
+    split_size=M: chunks of M samples, the last one shorter when M does not divide N, as guided-diffusion's
+        evaluator (`evaluations/evaluator.py`, `compute_inception_score`, M = 5000) cuts them.
+    """
+    if split_size is not None:
+        if isinstance(split_size, bool) or not isinstance(split_size, int) or split_size < 1:
+            raise ValueError(f"split_size must be an integer >= 1, got {split_size!r}")
+        return [slice(start, min(start + split_size, n)) for start in range(0, n, split_size)]
+    if isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= n:
+        raise ValueError(f"splits must be an integer in [1, N={n}], got {splits!r}")
+    return [slice(i * n // splits, (i + 1) * n // splits) for i in range(splits)]
+
+
+def describe_is_splits(n: int, splits: int | None = 10, split_size: int | None = None) -> str:
+    """What a report says about the split convention, e.g. "10 splits of 1000" or "splits of 5000 (2 of 10000)"."""
+    chunks = inception_score_splits(n, splits, split_size)
+    sizes = sorted({c.stop - c.start for c in chunks})
+    size = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    if split_size is not None:
+        return f"splits of {split_size} samples (guided-diffusion): {len(chunks)} of {n}"
+    return f"{len(chunks)} splits of {size} samples (torch-fidelity, Salimans et al.)"
+
+
 def inception_score(
-    logits_or_probs: ArrayLike, splits: int = 10, from_logits: bool = True
+    logits_or_probs: ArrayLike, splits: int | None = 10, from_logits: bool = True, split_size: int | None = None
 ) -> tuple[float, float]:
     """Inception Score exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016, Sec. 4).
 
-    logits_or_probs: (N, K). The N samples are cut in `splits` consecutive chunks; p(y) is the mean
-    prediction of each chunk. Returns (mean, std) of the per-chunk scores, as guided-diffusion reports.
+    logits_or_probs: (N, K). The N samples are cut in consecutive chunks (`inception_score_splits`: `splits`
+    equal chunks, or chunks of `split_size` samples when it is set); p(y) is the mean prediction of each chunk.
+    Samples are not shuffled (torch-fidelity shuffles by default: the same score on permuted rows).
+    Returns (mean, std) of the per-chunk scores; guided-diffusion reports the mean.
     """
     x = _as_float64(logits_or_probs)
     _check_2d("logits_or_probs", x)
-    if not 1 <= splits <= len(x):
-        raise ValueError(f"splits must be in [1, N={len(x)}], got {splits}")
+    chunks = inception_score_splits(len(x), splits, split_size)
     if from_logits:
         probs = scipy.special.softmax(x, axis=1)
     else:
@@ -123,12 +170,21 @@ def inception_score(
             )
         probs = x
     scores = []
-    for chunk in np.array_split(probs, splits):
-        marginal = chunk.mean(axis=0, keepdims=True)
+    for chunk in chunks:
+        part = probs[chunk]
+        marginal = part.mean(axis=0, keepdims=True)
         # rel_entr gives p log(p / q) with the 0 log 0 = 0 convention, so one-hot rows are exact.
-        kl = scipy.special.rel_entr(chunk, marginal).sum(axis=1)
+        kl = scipy.special.rel_entr(part, marginal).sum(axis=1)
         scores.append(np.exp(kl.mean()))
     return float(np.mean(scores)), float(np.std(scores))
+
+
+def sfid_from_features(real_spatial: ArrayLike, fake_spatial: ArrayLike) -> float:
+    """sFID (Nash et al. 2021, "Generating images with sparse representations"): the Frechet distance
+    of spatial Inception features, as guided-diffusion's evaluator computes it (`evaluations/evaluator.py`:
+    the first 7 channels of `mixed_6/conv`, 7 x 17 x 17 = 2023-d, flattened in TF's HWC order; see
+    `eval.features.InceptionFeatures`). real_spatial: (N, 2023), fake_spatial: (M, 2023)."""
+    return fid_from_features(real_spatial, fake_spatial)
 
 
 def _as_torch64(x: ArrayLike, device: torch.device) -> torch.Tensor:

@@ -25,6 +25,7 @@ from core.io import atomic_write_bytes, atomic_write_text, json_safe
 
 METRIC_NAMES = {
     "fid": "FID",
+    "sfid": "sFID",
     "is_mean": "Inception Score",
     "precision": "precision",
     "recall": "recall",
@@ -139,7 +140,7 @@ def plot_sweep(
     out_dir: str | os.PathLike,
     group_key: str | None = None,
 ) -> dict[str, Path]:
-    """PNG plots of the sweep in `out_dir`: fid, inception_score, precision_recall, kid, class_accuracy
+    """PNG plots of the sweep in `out_dir`: fid, sfid, inception_score, precision_recall, kid, class_accuracy
     and sec_per_sample against `x_key`, and fid_vs_is (the guidance trade-off curve). A plot whose
     metrics no row has is skipped. `group_key` draws one line per value (e.g. the guidance kind).
     Returns {plot name: path}.
@@ -147,6 +148,7 @@ def plot_sweep(
     out_dir = Path(out_dir)
     line_plots = {
         "fid": ("FID", ["fid"]),
+        "sfid": ("sFID", ["sfid"]),
         "inception_score": ("Inception Score", ["is_mean"]),
         "precision_recall": ("precision / recall", ["precision", "recall"]),
         "kid": ("KID", ["kid_mean"]),

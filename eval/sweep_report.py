@@ -11,10 +11,14 @@ from typing import Any
 from core.io import read_json
 from eval.report import best_row, describe_machine, plot_sweep, write_report, write_results
 from eval.sampler_sweep import network_evaluations
+from eval.scoring import PROVENANCE_KEYS
 from lightning_modules.generation import GUIDANCE_KINDS
 
 # Identity columns of a metrics.json: kept there (resume, report filtering), left out of the tables.
 HASH_KEYS = ("config_hash", "samples_hash", "sweep_hash")
+# What the numbers were computed with (feature net, weights, reference, IS convention, seeds): in every row of
+# results.csv/json, and in report.md once, in the header, when all rows agree (else as table columns).
+SCORING_KEYS = (*PROVENANCE_KEYS, "seeds")
 
 __all__ = ["HASH_KEYS", "TABLE_COLUMNS", "collect_rows", "format_table", "table_rows", "write_sweep_report"]
 
@@ -78,7 +82,7 @@ def _axes(rows: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
     return "cfg_scale", ("cls_scale" if len(cls_values) > 1 else None)
 
 
-TABLE_COLUMNS = ("setting", "cfg_scale", "cls_scale", "nfe", "fid", "is_mean", "precision", "recall",
+TABLE_COLUMNS = ("setting", "cfg_scale", "cls_scale", "nfe", "fid", "sfid", "is_mean", "precision", "recall",
                  "kid_mean", "class_accuracy", "sec_per_sample")  # fmt: skip
 
 
@@ -109,6 +113,16 @@ def _nfe_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [{c: r.get(c) for c in columns} for r in ordered]
 
 
+def _shared_scoring(rows: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """({scoring key: value} of the `SCORING_KEYS` every row has with one value, the rows without them)."""
+    shared = {}
+    for key in SCORING_KEYS:
+        values = {str(row.get(key)) for row in rows}
+        if rows and len(values) == 1 and all(key in row for row in rows):
+            shared[key] = rows[0][key]
+    return shared, [{k: v for k, v in row.items() if k not in shared} for row in rows]
+
+
 def write_sweep_report(
     out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], title: str, meta: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -126,11 +140,12 @@ def write_sweep_report(
         row["setting"]: out_dir / row["grid"] for row in table if (out_dir / str(row.get("grid"))).is_file()
     }
     best = best_row(table, "fid")
-    meta = {**meta, "best setting (FID)": best["setting"] if best else None, "machine": describe_machine()}
+    shared, shown = _shared_scoring(table)
+    meta = {**meta, **shared, "best setting (FID)": best["setting"] if best else None, "machine": describe_machine()}
     sections = {}
     if x_key == "nfe":
         sections["Quality against network evaluations"] = (NFE_NOTE, _nfe_table(table))
-    report = write_report(table, plots, grids, out_dir / "report.md", title, meta, sections=sections)
+    report = write_report(shown, plots, grids, out_dir / "report.md", title, meta, sections=sections)
     return {"results_csv": csv_path, "results_json": json_path, "plots": plots, "grids": grids,
             "report": report, "x_key": x_key}  # fmt: skip
 

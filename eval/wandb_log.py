@@ -44,7 +44,7 @@ def log_to_wandb(
         x_key = outputs.get("x_key", "cfg_scale")
         # A sampler sweep (x = nfe): one line per sampler and scale (`curve`).
         stroke = "curve" if x_key == "nfe" and "curve" in columns else None
-        for metric in ("fid", "is_mean", "precision", "recall", "class_accuracy", "sec_per_sample"):
+        for metric in ("fid", "sfid", "is_mean", "precision", "recall", "class_accuracy", "sec_per_sample"):
             if x_key in columns and metric in columns:
                 logs[f"eval/{metric}_vs_{x_key}"] = wandb.plot.line(
                     table, x_key, metric, stroke=stroke, title=f"{metric} vs {x_key}"

@@ -113,6 +113,7 @@ EVALUATE_RULES: dict[str, Rule] = {
     "grid_per_class": COUNT,
     "sweep_index": Rule(int, low=0, optional=True),
     "metrics.is_splits": POSITIVE_INT,
+    "metrics.is_split_size": Rule(int, low=0, low_open=True, optional=True),
     "metrics.pr_k": POSITIVE_INT,
     "metrics.kid_subset_size": POSITIVE_INT,
     "metrics.feature_batch_size": POSITIVE_INT,

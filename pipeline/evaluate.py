@@ -21,7 +21,7 @@ from core.dist import exact_dist_env
 from core.io import read_json
 from datamodules.shards import manifest_hash
 from eval.checks import check_data_compatible
-from eval.features import reference_key, reference_statistics
+from eval.features import load_reference_batch, reference_key, reference_statistics
 from eval.generator import SampleGenerator
 from eval.job import SweepJob
 from eval.metrics import check_sample_count
@@ -129,7 +129,8 @@ def build_job(cfg: DictConfig, rank: int, world: int, local_rank: int) -> SweepJ
         check_eval_feature_net(cfg.model.features.checkpoint_path, cfg.perceptual_feature_net)
     extractor = instantiate(cfg.model.features).to(device)
     check_sample_count(cfg.num_samples, extractor.feature_dim)
-    check_sample_count(dm.num_samples(cfg.reference.split), extractor.feature_dim)
+    if not cfg.reference.get("stats"):
+        check_sample_count(dm.num_samples(cfg.reference.split), extractor.feature_dim)
     generator = SampleGenerator(
         diffusion, instantiate(cfg.sampler), classifier=classifier, class_names=dm.class_names,
         caption_template=g.caption_template, device=device, dtype=cfg.sampling_dtype,
@@ -146,18 +147,24 @@ def build_job(cfg: DictConfig, rank: int, world: int, local_rank: int) -> SweepJ
 
 
 def build_scorer(cfg: DictConfig, extractor, datamodule, num_classes: int, world: int, device: str) -> Scorer:
-    """The scorer with the real split's reference statistics (computed once, cached by everything that
-    changes them: `eval.features.reference_key` and the extractor's weights)."""
+    """The scorer with the reference statistics: a guided-diffusion reference batch (`reference.stats`), or the
+    real split's (computed once, cached by everything that changes them: `eval.features.reference_key` and
+    the extractor's weights)."""
     data_hash = manifest_hash(datamodule.manifest)
-    real = real_image_batches(datamodule, cfg.reference.split, world)
     m = cfg.metrics
-    key = reference_key(datamodule, cfg.reference.split)
-    reference = reference_statistics(
-        extractor, real, cfg.reference.cache_dir, key, m.feature_batch_size, progress=cfg.progress
-    )
+    if cfg.reference.get("stats"):
+        reference = load_reference_batch(cfg.reference.stats, extractor, cfg.reference.cache_dir,
+                                         m.feature_batch_size, progress=cfg.progress)  # fmt: skip
+    else:
+        real = real_image_batches(datamodule, cfg.reference.split, world)
+        key = reference_key(datamodule, cfg.reference.split)
+        reference = reference_statistics(
+            extractor, real, cfg.reference.cache_dir, key, m.feature_batch_size, progress=cfg.progress
+        )
     return Scorer(
-        extractor, reference, data_hash, num_classes, is_splits=m.is_splits, pr_k=m.pr_k, kid=m.kid,
-        kid_subset_size=m.kid_subset_size, batch_size=m.feature_batch_size, device=device,
+        extractor, reference, data_hash, num_classes, is_splits=m.is_splits,
+        is_split_size=m.get("is_split_size"), pr_k=m.pr_k, kid=m.kid, kid_subset_size=m.kid_subset_size,
+        batch_size=m.feature_batch_size, device=device,
     )  # fmt: skip
 
 

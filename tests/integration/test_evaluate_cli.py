@@ -52,6 +52,11 @@ def test_cfg_sweep_writes_every_artifact_and_rerun_skips(tiny_data, runs, cfg_sw
         metrics = json.loads((sweep / name / "metrics.json").read_text())
         for key in ("fid", "is_mean", "precision", "recall", "class_accuracy"):
             assert np.isfinite(metrics[key]), key
+        # What the numbers were computed with; sFID is n/a for the domain feature net (no spatial features).
+        assert metrics["sfid"] is None and metrics["feature_net"] == "domain_feature_net"
+        assert len(metrics["feature_weights_sha256"]) == 64 and metrics["reference"] == "split test (256 images)"
+        assert metrics["is_convention"] == "10 splits of 4 samples (torch-fidelity, Salimans et al.)"
+        assert metrics["num_samples"] == 40 and metrics["seeds"] == "0..39 (sample i: sample_seed + i)"
     rows = json.loads((sweep / "results.json").read_text())
     assert [(r["setting"], r["cfg_scale"]) for r in rows] == [("cfg_s1", 1.0), ("cfg_s3", 3.0)]
     assert (sweep / "results.csv").read_text().splitlines()[0].startswith("setting,guidance,cfg_scale")
@@ -61,6 +66,7 @@ def test_cfg_sweep_writes_every_artifact_and_rerun_skips(tiny_data, runs, cfg_sw
     assert (
         "](plots/fid.png)" in report and "](cfg_s3/grid.png)" in report and "DDIMSampler, 3 steps" in report
     )
+    assert "| feature_net | domain_feature_net |" in report and "| is_convention | 10 splits" in report
     assert "report: " in cfg_sweep.stdout and "cfg_s3" in cfg_sweep.stdout.split("report: ")[0]
     assert not list(sweep.rglob("*.tmp")) and not list(sweep.rglob("parts"))
 

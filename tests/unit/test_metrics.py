@@ -175,3 +175,82 @@ def test_class_accuracy():
     logits = np.array([[2.0, 1.0], [0.0, 3.0], [5.0, -1.0], [0.0, 1.0]])
     assert metrics.class_accuracy(logits, np.array([0, 1, 1, 1])) == 0.75
     assert metrics.class_accuracy(torch.tensor(logits), torch.tensor([0, 1, 0, 1])) == 1.0
+
+
+def test_fid_with_dead_features_has_no_eps_bias():
+    """Features constant over every sample (dead ReLU units) make both covariances singular; their
+    dimensions add nothing to the distance. Adding eps * I to both covariances (as before, and as pytorch-fid
+    does) lowered FID by ~1e-5 relative here; the exact eigenvalue trace gives the live dimensions' FID."""
+    rng = np.random.default_rng(8)
+    real, fake = rng.normal(size=(200, 40)), rng.normal(size=(150, 40)) * 1.2 + 0.3
+    real[:, 30:] = fake[:, 30:] = 0.0
+    live = metrics.fid_from_features(real[:, :30], fake[:, :30])
+    assert metrics.fid_from_features(real, fake) == pytest.approx(live, rel=1e-10)
+    with pytest.raises(ValueError, match="positive semi-definite"):  # the exact path still refuses non-covariances
+        metrics.frechet_distance(np.zeros(3), np.diag([1.0, 0.0, -1.0]), np.zeros(3), np.diag([1.0, 0.0, 1.0]))
+
+
+@pytest.mark.parametrize("shape", [(400, 24), (6, 300)], ids=["full-rank", "rank-deficient"])
+def test_fid_matches_torch_fidelity_formula(shape):
+    """torch-fidelity's FID (metric_fid: statistics, then the trace from the product's eigenvalues) on the
+    same float64 features; the network side of the parity is tests/unit/test_fidelity.py."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    rng = np.random.default_rng(9)
+    real, fake = rng.normal(size=shape), rng.normal(size=(shape[0] + 1, shape[1])) * 1.3 + 0.5
+    stats = [fid_features_to_statistics(torch.from_numpy(x)) for x in (real, fake)]
+    theirs = fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
+    # Full rank: the same number up to round-off. Rank 5 of 300: the traces sum ~295 square roots of
+    # eigenvalues that are round-off around 0, computed differently (measured rel 6e-10).
+    assert metrics.fid_from_features(real, fake) == pytest.approx(theirs, rel=1e-12 if shape[0] > shape[1] else 1e-8)
+
+
+def test_inception_score_split_conventions():
+    bounds = lambda chunks: [(c.start, c.stop) for c in chunks]  # noqa: E731
+    # S equal splits cut at floor(i N / S), as improved-gan and torch-fidelity cut them (not np.array_split).
+    assert bounds(metrics.inception_score_splits(12, 5)) == [(0, 2), (2, 4), (4, 7), (7, 9), (9, 12)]
+    assert bounds(metrics.inception_score_splits(10000, 10)) == [(i, i + 1000) for i in range(0, 10000, 1000)]
+    # Chunks of M samples, the last one shorter, as guided-diffusion's evaluator (M = 5000).
+    assert bounds(metrics.inception_score_splits(12000, split_size=5000)) == [(0, 5000), (5000, 10000), (10000, 12000)]
+    assert metrics.describe_is_splits(10000) == "10 splits of 1000 samples (torch-fidelity, Salimans et al.)"
+    assert metrics.describe_is_splits(12, 5) == "5 splits of 2-3 samples (torch-fidelity, Salimans et al.)"
+    assert metrics.describe_is_splits(12000, split_size=5000) == "splits of 5000 samples (guided-diffusion): 3 of 12000"
+    for bad in ({"splits": 0}, {"splits": 13}, {"splits": True}, {"splits": None}, {"split_size": 0}):
+        with pytest.raises(ValueError, match="split"):
+            metrics.inception_score_splits(12, **bad)
+
+
+def test_inception_score_matches_torch_fidelity():
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    logits = (3 * np.random.default_rng(10).normal(size=(23, 11))).astype(np.float32)
+    for splits in (1, 2, 5, 23):  # 5 does not divide 23: np.array_split would cut other chunks
+        theirs = isc_features_to_metric(torch.from_numpy(logits), splits=splits, shuffle=False)
+        mean, std = metrics.inception_score(logits, splits=splits)
+        assert mean == pytest.approx(theirs["inception_score_mean"], rel=1e-12)
+        assert std == pytest.approx(theirs["inception_score_std"], rel=1e-9, abs=1e-13)
+    # torch-fidelity's default shuffles the rows (numpy RandomState(rng_seed=2020)) before splitting.
+    theirs = isc_features_to_metric(torch.from_numpy(logits), splits=5)
+    permuted = logits[np.random.RandomState(2020).permutation(len(logits))]
+    assert metrics.inception_score(permuted, splits=5)[0] == pytest.approx(theirs["inception_score_mean"], rel=1e-12)
+
+
+def test_inception_score_split_size_is_guided_diffusions_loop():
+    """guided-diffusion `evaluations/evaluator.py` `compute_inception_score(activations, split_size=5000)`,
+    written out with split_size 7 on 23 samples (chunks 7, 7, 7, 2)."""
+    logits = 2 * np.random.default_rng(11).normal(size=(23, 9))
+    preds = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    scores = []
+    for i in range(0, len(preds), 7):
+        part = preds[i : i + 7]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    assert len(scores) == 4
+    mean, std = metrics.inception_score(logits, split_size=7)
+    assert (mean, std) == pytest.approx((np.mean(scores), np.std(scores)), rel=1e-12)
+
+
+def test_sfid_is_the_frechet_distance_of_spatial_features():
+    rng = np.random.default_rng(12)
+    real, fake = rng.normal(size=(120, 14)), rng.normal(size=(100, 14)) + 0.2
+    assert metrics.sfid_from_features(real, fake) == pytest.approx(_reference_fid(real, fake), rel=1e-10)

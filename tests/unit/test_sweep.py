@@ -29,6 +29,7 @@ from lightning_modules import generation
 from lightning_modules.artifacts import StageMismatchError
 from lightning_modules.diffusion import DDIMSampler, DDPMSampler, sample
 from lightning_modules.generation import GuidanceSetting
+from pipeline.config_checks import ConfigError
 from pipeline.evaluate import sweep_settings
 from tests import tiny_checkpoints as tiny
 
@@ -346,7 +347,17 @@ def _bad_inputs(run_dir: Path) -> dict[str, tuple[list[str], type, str]]:
         "features of another stage": ([f"{features}={ae}"], StageMismatchError, "stage 'autoencoder'"),
         "image size": (["data.image_size=64"], StageMismatchError, "decoded samples are"),
         "sweep index": (["sweep_index=6"], ValueError, "sweep_index=6 is out of range"),
+        "IS split size": (["metrics.is_split_size=0"], ConfigError, r"metrics.is_split_size=0: expected an integer > 0"),
+        "reference batch of another net": ([f"reference.stats={_other_net_batch(run_dir)}"], ValueError,
+                                           r"other_net.npz: key 'mu' has shape \(7,\)"),
     }  # fmt: skip
+
+
+def _other_net_batch(run_dir: Path) -> Path:
+    """A reference batch whose statistics are 7-d: not the domain feature net's features."""
+    path = run_dir / "other_net.npz"
+    np.savez(path, mu=np.zeros(7), sigma=np.eye(7))
+    return path
 
 
 def test_bad_input_is_refused_before_sampling(tiny_data, run_dir, no_sampling):
@@ -381,6 +392,7 @@ def test_bf16_autocast_sampling_is_close_to_fp32_and_hashed_apart(tiny_diffusion
         ["guidance=both"],
         ["budget=quick"],
         ["model/features=inception"],
+        ["model/features=inception", "metrics.is_split_size=5000", "reference.stats=/refs/VIRTUAL_imagenet256_labeled.npz"],
         ["sampler=ddpm"],
         ["logger=wandb"],
         ["logger=csv"],
