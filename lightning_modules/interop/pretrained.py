@@ -80,12 +80,21 @@ def _check_same(
 ) -> None:
     bad = {k: v for k, v in theirs.items() if k in ours and ours[k] != v}
     if bad:
-        fix = " ".join(f"{prefix}.{k}={v}" for k, v in bad.items())
+        fix = " ".join(f"{prefix}.{k}={_override(v)}" for k, v in bad.items())
         mine = ", ".join(f"{k}={ours[k]}" for k in bad)
         raise UnsupportedByDiffusers(
             f"{KEY}: the {what} at {model_dir} has another architecture than the configured one ({mine}); "
             f"set: {fix}"
         )
+
+
+def _override(value: Any) -> str:
+    """A value as a Hydra command-line override writes it: [1,2,4], true, 0.5."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override(v) for v in value) + "]"
+    return str(value)
 
 
 def _check_groups(net: nn.Module, config: dict[str, Any], model_dir: Path, what: str) -> None:

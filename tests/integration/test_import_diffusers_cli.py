@@ -1,0 +1,85 @@
+"""`stage.module.init_from_diffusers`: the autoencoder and diffusion stages start from small randomly
+initialised diffusers models saved to disk and train from them under debug=fdr (one step). The stage's
+weights after that step are the diffusers model's moved by at most about one optimiser step (a random start
+would be far away); with freeze_pretrained=true the autoencoder stays the diffusers one exactly. The first
+forward of the started nets equals the diffusers model's: tests/unit/test_diffusers_interop.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+from diffusers import UNet2DConditionModel
+
+from lightning_modules.interop.convert import (
+    autoencoder_config,
+    autoencoder_from_diffusers,
+    unet_config,
+    unet_from_diffusers,
+)
+from lightning_modules.nets.autoencoder import AutoencoderKL
+from lightning_modules.nets.unet import UNet
+from tests.conftest import run_cli, tiny_overrides
+
+RUN = Path("default") / "fashion_mnist"
+AE = dict(in_channels=1, ch=8, ch_mult=[1, 1, 1], num_res_blocks=1, z_channels=4, attn_mid=True)
+AE_OVERRIDES = ["model.autoencoder.ch=8", "model.autoencoder.ch_mult=[1,1,1]"]  # kl_f4's other sizes fit
+# conf/model/unet/small.yaml's U-Net with the class tokens' 64-d context (model.conditioner.embed_dim)
+UNET = dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=2,
+            attention_resolutions=[2, 4], num_head_channels=32, context_dim=64)  # fmt: skip
+
+
+def _max_change(state: dict, reference: dict) -> float:
+    assert state.keys() == reference.keys()
+    return max(float((state[k].float() - reference[k].float()).abs().max()) for k in state)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> dict:
+    """A diffusers AutoencoderKL and a pipeline-style folder holding a UNet2DConditionModel, random weights."""
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    vae = DiffusersAutoencoderKL(**autoencoder_config(AutoencoderKL(**AE), sample_size=32, scaling_factor=1.0))
+    vae.save_pretrained(root / "vae_only")
+    unet = UNet2DConditionModel(**unet_config(UNet(**UNET), sample_size=8))
+    unet.save_pretrained(root / "pipe" / "unet")
+    return {"vae_dir": root / "vae_only", "pipe_dir": root / "pipe",
+            "vae": autoencoder_from_diffusers(vae.state_dict(), AutoencoderKL(**AE).hparams()),
+            "unet": unet_from_diffusers(unet.state_dict(), UNet(**UNET).hparams())}  # fmt: skip
+
+
+def test_autoencoder_and_diffusion_stages_train_from_diffusers_models(tiny_data, tmp_path, pretrained):
+    runs = tmp_path / "runs"
+    common = [*tiny_overrides(tiny_data, runs), "debug=fdr"]
+    run_cli("pipeline.train", "stage=autoencoder", f"stage.module.init_from_diffusers={pretrained['vae_dir']}",
+            *common, *AE_OVERRIDES)  # fmt: skip
+    ae = torch.load(runs / RUN / "autoencoder/checkpoints/final.ckpt", weights_only=True)
+    # one Adam step moves a weight by about lr (4e-3); the random init of the configured net is ~0.1-1 away
+    assert _max_change(ae["autoencoder_state_dict"], pretrained["vae"]) < 0.02
+
+    run_cli("pipeline.train", "stage=diffusion", f"stage.module.init_from_diffusers={pretrained['pipe_dir']}",
+            "stage.module.ema_decay=0.5", *common)  # fmt: skip
+    diff = torch.load(runs / RUN / "diffusion/checkpoints/final.ckpt", weights_only=True)
+    raw = {k[len("unet."):]: v for k, v in diff["state_dict"].items() if k.startswith("unet.")}
+    assert _max_change(raw, pretrained["unet"]) < 0.005  # one AdamW step of lr 1e-3 (after warm-up: less)
+    assert _max_change(diff["unet_state_dict"], pretrained["unet"]) < 0.005  # the EMA starts there too
+
+
+def test_frozen_pretrained_autoencoder_is_kept_exactly(tiny_data, tmp_path, pretrained):
+    runs = tmp_path / "runs"
+    run_cli("pipeline.train", "stage=autoencoder", f"stage.module.init_from_diffusers={pretrained['vae_dir']}",
+            "stage.module.freeze_pretrained=true", *tiny_overrides(tiny_data, runs), "debug=fdr", *AE_OVERRIDES)  # fmt: skip
+    ae = torch.load(runs / RUN / "autoencoder/checkpoints/final.ckpt", weights_only=True)
+    assert _max_change(ae["autoencoder_state_dict"], pretrained["vae"]) == 0.0
+    assert ae["latent_scale_factor"] > 0
+
+
+def test_a_pretrained_model_that_does_not_fit_is_refused_before_anything_is_written(tiny_data, tmp_path, pretrained):
+    runs = tmp_path / "runs"
+    proc = run_cli("pipeline.train", "stage=autoencoder", f"stage.module.init_from_diffusers={pretrained['vae_dir']}",
+                   *tiny_overrides(tiny_data, runs), "debug=fdr", check=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert "model.autoencoder.ch=8 model.autoencoder.ch_mult=[1,1,1]" in proc.stderr + proc.stdout
+    assert not (runs / RUN / "autoencoder" / "checkpoints").exists()
