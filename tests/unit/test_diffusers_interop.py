@@ -219,3 +219,35 @@ def test_a_pretrained_start_that_does_not_fit_the_config_names_the_overrides(tmp
                          ).save_pretrained(tmp_path / "unet")  # fmt: skip
     with pytest.raises(UnsupportedByDiffusers, match=r"context_dim=32.*model\.conditioner\.embed_dim"):
         init_unet_from_diffusers(unet, tmp_path / "unet")
+
+
+# --- stage hashes ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("stage", "sub"), [("autoencoder", "vae"), ("diffusion", "unet")])
+def test_pretrained_start_options_hash_only_when_set_and_by_content(tmp_path, stage, sub):
+    """At their defaults the new module keys leave a stage's hash what it was before they existed (finished
+    runs are not retrained); set, the hash follows the model's files as well as the path."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    from pipeline.builders import stage_hash
+    from pipeline.run import CONF
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name="hash"):
+        cfg = compose(config_name="train", overrides=[f"stage={stage}", f"paths.root_dir={tmp_path}"])
+        with open_dict(cfg):
+            older = cfg.copy()
+            for key in ("init_from_diffusers", "init_subfolder", "freeze_pretrained"):
+                older.stage.module.pop(key, None)
+            assert stage_hash(cfg) == stage_hash(older)
+            model = tmp_path / "pipe" / sub
+            model.mkdir(parents=True)
+            (model / "config.json").write_text("{}")
+            cfg.stage.module.init_from_diffusers = str(tmp_path / "pipe")
+            first = stage_hash(cfg)
+            (model / "config.json").write_text('{"changed": 1}')
+            assert stage_hash(cfg) not in (first, stage_hash(older))
+    GlobalHydra.instance().clear()
