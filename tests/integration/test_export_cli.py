@@ -163,3 +163,29 @@ def test_a_run_without_diffusers_equivalent_is_refused_by_name_and_nothing_writt
     assert "[export]" in proc.stderr and "norm_num_groups" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow  # loads the packaged MiniLM text encoder twice and writes it: ~2 min on 2 busy cores
+def test_text_model_exports_encoder_and_tokenizer_and_samples_equal_ours(tmp_path, monkeypatch):
+    """A text-conditional (v-prediction) model: text_encoder/ + tokenizer/ instead of conditioner/; prompts,
+    a negative prompt and padded captions (attention masks) give our samples."""
+    from lightning_modules.artifacts import DiffusionBundle
+    from lightning_modules.nets.conditioners import TextConditioner
+
+    cond = TextConditioner(max_length=16).eval()
+    unet = _perturb(UNet(**dict(UNET, context_dim=cond.context_dim)), 1).eval()
+    bundle = DiffusionBundle(unet=unet, conditioner=cond, schedule=NoiseSchedule("scaled_linear", 1000),
+                             prediction_type="v", autoencoder=_perturb(AutoencoderKL(**AE), 0).eval(),
+                             scale_factor=SCALE, latent_shape=(4, 8, 8), num_classes=10, autoencoder_fingerprint="",
+                             path="memory")  # fmt: skip
+    build_pipeline(bundle).save_pretrained(tmp_path / "out", safe_serialization=True)
+    assert (tmp_path / "out" / "text_encoder" / "config.json").is_file()
+    assert json.loads((tmp_path / "out" / "tokenizer" / "tokenizer_config.json").read_text())["model_max_length"] == 16
+    pipe = _load(tmp_path / "out", monkeypatch)
+    prompts, seeds = ["a photo of a sneaker", "a bag"], [4, 5]
+    got = pipe(prompt=prompts, negative_prompt="a shirt", guidance_scale=3.0, num_inference_steps=10, seeds=seeds,
+               output_type="pt").images  # fmt: skip
+    context, mask = cond(prompts)
+    denoiser = CFGDenoiser(unet, context, mask, *cond(["a shirt"]), 3.0)
+    z = sample(denoiser, (2, 4, 8, 8), bundle.schedule, DDIMSampler(num_steps=10), prediction_type="v", seeds=seeds)
+    torch.testing.assert_close(got, (LatentCodec.of(bundle).decode(z) + 1) / 2, atol=1e-4, rtol=0)
