@@ -7,6 +7,7 @@
       scheduler/             DDIMScheduler or DPMSolverMultistepScheduler: the training schedule and
                              prediction type
       conditioner/           ClassEmbedder (class models), or text_encoder/ + tokenizer/ (text models)
+      pipeline.py            a two-line loader for DiffusionPipeline.from_pretrained(out, custom_pipeline=out)
 
 Everything is converted and checked before anything is written; the directory is written beside `out`
 under a temporary name, synced, and renamed into place (`core.io.publish_directory`).
@@ -34,6 +35,15 @@ from lightning_modules.nets.conditioners import ClassConditioner, TextConditione
 __all__ = ["WEIGHTS", "build_pipeline", "export_diffusers", "require_diffusers"]
 
 WEIGHTS = ("ema", "raw")
+# So that plain diffusers finds the pipeline class too:
+# DiffusionPipeline.from_pretrained(out, custom_pipeline=str(out), trust_remote_code=True, local_files_only=True).
+# It only imports the class from this (installed) project.
+LOADER_SHIM = "pipeline.py"
+LOADER_SHIM_TEXT = (
+    '"""GuidedLDMPipeline of the guided-LDM project (which must be installed): lets\n'
+    "DiffusionPipeline.from_pretrained(this_dir, custom_pipeline=this_dir, trust_remote_code=True) find it.\"\"\"\n"
+    "from lightning_modules.interop.diffusers_pipeline import ClassEmbedder, GuidedLDMPipeline  # noqa: F401\n"
+)
 
 
 def require_diffusers() -> None:
@@ -141,4 +151,9 @@ def export_diffusers(
     bundle = load_diffusion(checkpoint, autoencoder_checkpoint)
     unet_state = raw_unet_state(checkpoint) if weights == "raw" else None
     pipe = build_pipeline(bundle, scheduler=scheduler, spacing=spacing, unet_state=unet_state)
-    return publish_directory(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), force=force)
+
+    def write(tmp: Path) -> None:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / LOADER_SHIM).write_text(LOADER_SHIM_TEXT)
+
+    return publish_directory(out, write, force=force)

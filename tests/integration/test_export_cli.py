@@ -103,6 +103,19 @@ def test_export_writes_a_diffusers_directory(exported):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary directory left
 
 
+def test_plain_diffusers_loads_it_through_the_shipped_loader(exported, monkeypatch, tmp_path):
+    """DiffusionPipeline.from_pretrained(out, custom_pipeline=out): the loader pipeline.py names our class."""
+    import diffusers.utils.dynamic_modules_utils as dynamic
+    from diffusers import DiffusionPipeline
+
+    _, out = exported
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # not the user's cache
+    pipe = DiffusionPipeline.from_pretrained(out, custom_pipeline=str(out), trust_remote_code=True,
+                                             local_files_only=True)  # fmt: skip
+    assert type(pipe).__name__ == "GuidedLDMPipeline" and type(pipe.conditioner).__name__ == "ClassEmbedder"
+
+
 def test_loaded_offline_its_nets_and_ddim10_cfg_samples_equal_ours(exported, monkeypatch):
     ckpt, out = exported
     pipe, bundle = _load(out, monkeypatch), load_diffusion(ckpt)
