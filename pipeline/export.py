@@ -27,7 +27,7 @@ def export(cfg: DictConfig):
             weights=cfg.weights,
             force=cfg.force,
         )
-    except (UnsupportedByDiffusers, FileExistsError, FileNotFoundError) as err:
+    except (UnsupportedByDiffusers, FileExistsError, FileNotFoundError, ImportError) as err:
         raise ConfigError(str(err)) from err
     print(f"[export] {cfg.checkpoint} -> {out}")
     return out

@@ -148,6 +148,26 @@ def test_dpm_solver_export_samples_equal_ours(exported):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
+def test_learned_variance_x0_cosine_model_samples_equal_ours():
+    """Improved DDPM's 2C outputs (only the prediction is guided; DDIM ignores the variance), x0 prediction
+    and the cosine schedule (diffusers' squaredcos_cap_v2, float32 betas: the largest gap of the cases here)."""
+    from lightning_modules.artifacts import DiffusionBundle
+
+    unet, cond = _perturb(UNet(**dict(UNET, out_channels=8)), 1).eval(), _perturb(ClassConditioner(10, 16), 2).eval()
+    bundle = DiffusionBundle(unet=unet, conditioner=cond, schedule=NoiseSchedule("cosine", 1000), prediction_type="x0",
+                             autoencoder=_perturb(AutoencoderKL(**AE), 0).eval(), scale_factor=SCALE,
+                             latent_shape=(4, 8, 8), num_classes=10, autoencoder_fingerprint="", path="memory",
+                             variance_type="learned_range")  # fmt: skip
+    pipe = build_pipeline(bundle)
+    pipe.set_progress_bar_config(disable=True)
+    got = pipe(class_labels=LABELS, guidance_scale=2.5, num_inference_steps=10, seeds=SEEDS, output_type="pt").images
+    context, mask = cond(torch.tensor(LABELS))
+    denoiser = CFGDenoiser(unet, context, mask, *cond(cond.null_condition(1)), 2.5, learned_variance=True)
+    z = sample(denoiser, (3, 4, 8, 8), bundle.schedule, DDIMSampler(num_steps=10), prediction_type="x0", seeds=SEEDS,
+               variance_type="learned_range")  # fmt: skip
+    torch.testing.assert_close(got, (LatentCodec.of(bundle).decode(z) + 1) / 2, atol=1e-4, rtol=0)
+
+
 def test_existing_out_is_refused_without_force_and_replaced_with_it(exported, monkeypatch):
     ckpt, out = exported
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
