@@ -82,3 +82,34 @@ def test_a_pretrained_model_that_does_not_fit_is_refused_before_anything_is_writ
     assert proc.returncode != 0
     assert "model.autoencoder.ch=8 model.autoencoder.ch_mult=[1,1,1]" in proc.stderr + proc.stdout
     assert not (runs / RUN / "autoencoder" / "checkpoints").exists()
+
+
+@pytest.mark.slow  # trains two stages through the CLI, exports and samples: ~2 min on 2 busy cores
+def test_a_pipeline_trained_by_the_stages_exports_and_samples_like_ours(tiny_data, tmp_path, pretrained, monkeypatch):
+    """The whole round: autoencoder and diffusion stages (debug=fdr) started from the diffusers models,
+    `python -m pipeline.export`, loaded offline by diffusers: DDIM-10 with CFG equals our sampling within 1e-4."""
+    import huggingface_hub.constants
+
+    from lightning_modules.artifacts import load_diffusion
+    from lightning_modules.codec import LatentCodec
+    from lightning_modules.diffusion import CFGDenoiser, DDIMSampler, sample
+    from lightning_modules.interop.diffusers_pipeline import GuidedLDMPipeline
+
+    runs = tmp_path / "runs"
+    common = [*tiny_overrides(tiny_data, runs), "debug=fdr"]
+    run_cli("pipeline.train", "stage=autoencoder", f"stage.module.init_from_diffusers={pretrained['vae_dir']}",
+            *common, *AE_OVERRIDES)  # fmt: skip
+    run_cli("pipeline.train", "stage=diffusion", f"stage.module.init_from_diffusers={pretrained['pipe_dir']}", *common)
+    run_cli("pipeline.export", f"run_dir={runs / RUN}", f"out={tmp_path / 'out'}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    pipe = GuidedLDMPipeline.from_pretrained(tmp_path / "out", local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    labels, seeds = [1, 8], [3, 4]
+    got = pipe(class_labels=labels, guidance_scale=3.0, num_inference_steps=10, seeds=seeds, output_type="pt").images
+    bundle = load_diffusion(runs / RUN / "diffusion/checkpoints/final.ckpt")
+    context, mask = bundle.conditioner(torch.tensor(labels))
+    denoiser = CFGDenoiser(bundle.unet, context, mask, *bundle.conditioner(bundle.conditioner.null_condition(1)), 3.0)
+    z = sample(denoiser, (2, *bundle.latent_shape), bundle.schedule, DDIMSampler(num_steps=10), seeds=seeds)
+    expected = (LatentCodec.of(bundle).decode(z) + 1) / 2
+    assert expected.std() > 0.01
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
