@@ -15,8 +15,9 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -170,3 +171,55 @@ def config_hash(cfg: Any, keys: Iterable[str] | None = None) -> str:
         data = {k: data.get(k) for k in keys}
     blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """fsync every file and directory under `path` (and `path` itself): what a library wrote there with
+    plain `open` becomes durable before the tree is renamed into place."""
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
+def check_publishable(path: str | os.PathLike, force: bool = False) -> None:
+    """Raise FileExistsError unless `publish_directory(path, ..., force)` may write `path`: it is absent or
+    an empty directory, or a directory and `force` is set (the error says to pass force=true)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not a directory")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise FileExistsError(f"{path} exists and is not empty; pass force=true to replace it")
+
+
+def publish_directory(path: str | os.PathLike, write: Callable[[Path], Any], force: bool = False) -> Path:
+    """Create directory `path` atomically: `write(tmp)` fills a temporary directory beside it, which is
+    synced (`fsync_tree`) and renamed to `path`. An existing non-empty `path` is refused (FileExistsError)
+    unless `force`; then it is moved aside, replaced, and removed only once the new one is in place. A
+    failed `write` removes its temporary directory and leaves `path` as it was. Returns `path`."""
+    path = Path(path)
+    check_publishable(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        write(tmp)
+        fsync_tree(tmp)
+        aside = None
+        if path.is_dir():
+            aside = Path(
+                tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.replaced.", suffix=TMP_SUFFIX)
+            )
+            os.replace(path, aside / path.name)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return path

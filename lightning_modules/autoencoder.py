@@ -35,6 +35,7 @@ from core.io import atomic_write_text
 from lightning_modules.artifacts import autoencoder_artifacts, load_feature_net
 from lightning_modules.base import StageModule, build_optimizer, warmup_cosine
 from lightning_modules.ema import EMA
+from lightning_modules.interop.pretrained import init_autoencoder_from_diffusers
 from lightning_modules.nets.autoencoder import AutoencoderKL
 from lightning_modules.nets.discriminator import PatchDiscriminator
 from lightning_modules.nets.feature_net import FeatureNet
@@ -175,6 +176,11 @@ class AutoencoderModule(StageModule):
             steps); None: constant. The discriminator's LR stays constant after its warm-up.
         latent_stats_samples: training images whose posterior samples give the latent scale factor.
         stats_seed: seed of the posterior noise in the latent statistics (offset by the rank).
+        init_from_diffusers: a local diffusers AutoencoderKL directory (or a pipeline directory: its `vae/`,
+            or `init_subfolder`) whose weights the autoencoder starts from; the configured architecture
+            must be the one it describes (`lightning_modules.interop.pretrained`).
+        freeze_pretrained: keep those weights as loaded: training steps only advance the step count (no
+            gradient, no update); metrics, latent statistics and final.ckpt come from the pretrained net.
     """
 
     stage_name = "autoencoder"
@@ -195,8 +201,20 @@ class AutoencoderModule(StageModule):
         min_lr_ratio: float = 0.0,
         latent_stats_samples: int = 10_000,
         stats_seed: int = 0,
+        init_from_diffusers: str | None = None,
+        init_subfolder: str | None = None,
+        freeze_pretrained: bool = False,
     ) -> None:
         super().__init__()
+        if freeze_pretrained and not init_from_diffusers:
+            raise ValueError(
+                "stage.module.freeze_pretrained=true needs stage.module.init_from_diffusers (the pretrained "
+                "AutoencoderKL to keep)"
+            )
+        if init_from_diffusers:
+            init_autoencoder_from_diffusers(autoencoder, init_from_diffusers, init_subfolder)
+        if freeze_pretrained:
+            autoencoder.requires_grad_(False)
         self.automatic_optimization = False
         self.save_hyperparameters(ignore=["autoencoder", "discriminator", "loss", "optimizer", "disc_optimizer",
                                           "perceptual"])  # fmt: skip
@@ -285,6 +303,9 @@ class AutoencoderModule(StageModule):
         sched_g, sched_d = self.lr_schedulers()
         x = batch["image"]
         step = self.global_step
+        if self.hparams.freeze_pretrained:
+            opt_g.step()  # no gradients: nothing changes, only global_step advances towards max_steps
+            return
 
         self.toggle_optimizer(opt_g)
         recons, posterior = self.autoencoder(x)

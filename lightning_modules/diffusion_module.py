@@ -39,6 +39,7 @@ from lightning_modules.diffusion import (
 )
 from lightning_modules.ema import EMA
 from lightning_modules.generation import GuidanceSetting, generate
+from lightning_modules.interop.pretrained import init_unet_from_diffusers
 from lightning_modules.nets.conditioners import Conditioner
 from lightning_modules.nets.unet import UNet
 
@@ -109,6 +110,9 @@ class DiffusionModule(StageModule):
         ema_decay, ema_warmup: EMA of the U-Net (`lightning_modules.ema.EMA`).
         num_loss_buckets: timestep buckets of the logged losses.
         seed: seeds the training noise per (seed, rank, step), so ranks draw different t and noise.
+        init_from_diffusers: a local diffusers UNet2DConditionModel directory (or a pipeline directory: its
+            `unet/`, or `init_subfolder`) whose weights the U-Net (and its EMA) start from; the configured
+            U-Net must be the one it describes (`lightning_modules.interop.pretrained`).
     """
 
     stage_name = "diffusion"
@@ -135,6 +139,8 @@ class DiffusionModule(StageModule):
         ema_warmup: bool = True,
         num_loss_buckets: int = 10,
         seed: int = 0,
+        init_from_diffusers: str | None = None,
+        init_subfolder: str | None = None,
     ) -> None:
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
@@ -153,6 +159,8 @@ class DiffusionModule(StageModule):
         z_channels = self.codec.latent_channels
         out_channels = 2 * z_channels if variance_type == "learned_range" else z_channels
         self.unet = unet(in_channels=z_channels, out_channels=out_channels, context_dim=conditioner.context_dim)
+        if init_from_diffusers:
+            init_unet_from_diffusers(self.unet, init_from_diffusers, init_subfolder)
         self.ema = EMA(self.unet, decay=ema_decay, warmup=ema_warmup)
         trainable_cond = any(p.requires_grad for p in conditioner.parameters())
         self.conditioner_ema = EMA(conditioner, decay=ema_decay, warmup=ema_warmup) if trainable_cond else None

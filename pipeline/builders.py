@@ -83,9 +83,32 @@ def stage_hash(cfg: DictConfig) -> str:
     manifest = Path(cfg.data.dir) / "manifest.json"
     content = (read_json(manifest, strict=True) or {}).get("content_hash")
     return config_hash(
-        {"stage": data["stage"], "model": data.get("model"), "data": dataset, "trainer": trainer,
+        {"stage": _stage_identity(data["stage"]), "model": data.get("model"), "data": dataset, "trainer": trainer,
          "seed": data.get("seed"), "upstream": upstream, "dataset_content": content}  # fmt: skip
     )
+
+
+# Module options that, at their default, leave the hash what it was before they existed (finished stages
+# of older configs are not retrained for a key they never had).
+OPTIONAL_MODULE_KEYS = {"init_from_diffusers": None, "init_subfolder": None, "freeze_pretrained": False}
+PRETRAINED_SUBFOLDER = {"autoencoder": "vae", "diffusion": "unet"}
+
+
+def _stage_identity(stage: dict) -> dict:
+    """The stage block as hashed: OPTIONAL_MODULE_KEYS at their defaults left out; a diffusers model to start
+    from (`init_from_diffusers`) identified by its files' content as well as its path."""
+    module = dict(stage.get("module") or {})
+    for key, default in OPTIONAL_MODULE_KEYS.items():
+        if key in module and module[key] == default:
+            del module[key]
+    if module.get("init_from_diffusers"):
+        from lightning_modules.interop.pretrained import model_dir_content_hash
+
+        sub = PRETRAINED_SUBFOLDER.get(str(stage.get("name")), "")
+        module["init_from_diffusers_content"] = model_dir_content_hash(
+            module["init_from_diffusers"], module.get("init_subfolder"), sub
+        )
+    return {**stage, "module": module} if "module" in stage else dict(stage)
 
 
 def url_identity(url: str) -> str:

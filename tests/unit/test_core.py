@@ -150,3 +150,34 @@ def test_only_the_first_process_of_the_first_node_is_rank_0(env):
 def test_a_rank_without_a_world_size_is_refused(env):
     with pytest.raises(ValueError, match="RANK=1 is set but WORLD_SIZE is not"):
         env(RANK=1)
+
+
+def test_publish_directory_is_all_or_nothing(tmp_path):
+    """A directory appears complete or not at all; an existing one is replaced only with force, and only
+    once the new one is complete; a failed write leaves the old one and no temporary directory."""
+    out = tmp_path / "out"
+
+    def write(text: str):
+        def fill(tmp):
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "a.txt").write_text(text)
+        return fill
+
+    cio.publish_directory(out, write("one"))
+    assert (out / "sub" / "a.txt").read_text() == "one"
+    with pytest.raises(FileExistsError, match="force=true"):
+        cio.publish_directory(out, write("two"))
+
+    def broken(tmp):
+        (tmp / "partial.txt").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        cio.publish_directory(out, broken, force=True)
+    assert (out / "sub" / "a.txt").read_text() == "one" and not (out / "partial.txt").exists()
+    cio.publish_directory(out, write("two"), force=True)
+    assert (out / "sub" / "a.txt").read_text() == "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or set-aside directory
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        cio.publish_directory(tmp_path / "file", write("three"), force=True)

@@ -1,0 +1,537 @@
+"""Our autoencoder, U-Net and noise schedule <-> Hugging Face diffusers' AutoencoderKL,
+UNet2DConditionModel and DDIM / DPM-Solver++ scheduler configs. Pure torch: diffusers is not imported here.
+
+Layouts. Our U-Net is CompVis latent-diffusion's ``openaimodel.UNetModel`` layout (numbered
+``input_blocks`` / ``output_blocks`` of ResBlocks and SpatialTransformers) and our KL autoencoder LDM's
+``Encoder`` / ``Decoder`` in flat ``nn.Sequential`` lists; diffusers groups the same layers per resolution
+level (``down_blocks.i.resnets.j``, ``down_blocks.i.attentions.j``, ``mid_block``, ``up_blocks.i``). The
+layers themselves compute the same functions (diffusers' own LDM conversion script,
+``scripts/convert_original_stable_diffusion_to_diffusers.py``, maps the same two layouts), so the
+converters rename parameters; the one change of shape is the autoencoder's middle attention, whose fused
+1x1-conv ``qkv`` (3C, C, 1, 1) is diffusers' three (C, C) linear maps ``to_q``, ``to_k``, ``to_v`` (its
+``proj_out`` conv is ``to_out.0``). Splitting and concatenating copy values, so ours -> diffusers -> ours
+gives back the very same tensors.
+
+What has no diffusers equivalent is refused by name (`UnsupportedByDiffusers`), never exported wrongly:
+GroupNorm group counts that differ between layers (ours pick a count per width, diffusers' one
+``norm_num_groups`` for the whole network), a first level wider than the stem (``channel_mult[0] != 1``),
+ADM's resampling ResBlocks (``resblock_updown``), a U-Net without cross-attention (``context_dim=None``)
+and a cosine schedule with another offset than diffusers' s = 0.008.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_modules.diffusion.schedules import NoiseSchedule
+from lightning_modules.nets.autoencoder import AutoencoderKL
+from lightning_modules.nets.unet import UNet
+
+__all__ = [
+    "PREDICTION_TO_DIFFUSERS",
+    "SCHEDULE_TO_DIFFUSERS",
+    "UnsupportedByDiffusers",
+    "autoencoder_config",
+    "autoencoder_from_diffusers",
+    "autoencoder_hparams_from_config",
+    "autoencoder_to_diffusers",
+    "scheduler_config",
+    "unet_config",
+    "unet_from_diffusers",
+    "unet_hparams_from_config",
+    "unet_to_diffusers",
+]
+
+PREDICTION_TO_DIFFUSERS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+SCHEDULE_TO_DIFFUSERS = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+# diffusers' squaredcos_cap_v2 hard-codes Nichol & Dhariwal's offset s.
+DIFFUSERS_COSINE_S = 0.008
+SCHEDULERS = ("ddim", "dpmpp_2m")
+
+
+class UnsupportedByDiffusers(ValueError):
+    """An option of ours (or of a diffusers config) that the other side cannot represent."""
+
+
+# --- shared bookkeeping ----------------------------------------------------------------------------------
+
+# Parameter renames inside one block, ours -> diffusers (a name not listed is the same on both sides).
+_RESNET_UNET = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+_RESNET_VAE = {"skip": "conv_shortcut"}
+_DOWN_UNET = {"op": "conv"}
+_VAE_ATTN = {"norm": "group_norm", "proj_out": "to_out.0"}
+_RENAMES = {"same": {}, "resnet_unet": _RESNET_UNET, "resnet_vae": _RESNET_VAE, "down_unet": _DOWN_UNET,
+            "vae_attn": _VAE_ATTN}  # fmt: skip
+
+Entry = tuple[str, str, str]  # (our module prefix, diffusers module prefix, kind of block)
+
+
+def _split(key: str, prefixes: Iterable[str]) -> tuple[str, str] | None:
+    """(prefix, rest) for the longest of `prefixes` that `key` starts with (as whole dotted components)."""
+    best = None
+    for prefix in prefixes:
+        if key.startswith(prefix + ".") and (best is None or len(prefix) > len(best)):
+            best = prefix
+    return None if best is None else (best, key[len(best) + 1 :])
+
+
+def _rename(rest: str, table: Mapping[str, str]) -> str:
+    for old, new in table.items():
+        if rest.startswith(old + "."):
+            return new + rest[len(old) :]
+    return rest
+
+
+def _convert(
+    state: Mapping[str, Tensor], entries: list[Entry], to_diffusers: bool, what: str
+) -> dict[str, Tensor]:
+    """Rename every key of `state` through `entries`; refuse keys no entry covers."""
+    src = {e[0 if to_diffusers else 1]: e for e in entries}
+    out: dict[str, Tensor] = {}
+    fused: dict[str, dict[str, Tensor]] = {}  # diffusers -> ours: the VAE attention's to_q/k/v, per prefix
+    unknown = []
+    for key, value in state.items():
+        found = _split(key, src)
+        if found is None:
+            unknown.append(key)
+            continue
+        prefix, rest = found
+        ours, theirs, kind = src[prefix]
+        table = _RENAMES[kind]
+        if to_diffusers:
+            if kind == "vae_attn":
+                out.update(_split_qkv(theirs, rest, value))
+                continue
+            out[f"{theirs}.{_rename(rest, table)}"] = value
+        else:
+            if kind == "vae_attn" and rest.split(".")[0] in ("to_q", "to_k", "to_v"):
+                fused.setdefault(ours, {})[rest] = value
+                continue
+            inverse = {v: k for k, v in table.items()}
+            name = _rename(rest, inverse)
+            if kind == "vae_attn" and name == "proj_out.weight":
+                value = value[..., None, None]  # (C, C) linear -> (C, C, 1, 1) conv
+            out[f"{ours}.{name}"] = value
+    if unknown:
+        side = "ours" if to_diffusers else "diffusers'"
+        raise UnsupportedByDiffusers(
+            f"{what}: {len(unknown)} parameter(s) of {side} have no counterpart, e.g. {unknown[:5]}"
+        )
+    for ours, parts in fused.items():
+        out.update(_fuse_qkv(ours, parts, what))
+    return out
+
+
+def _split_qkv(theirs: str, rest: str, value: Tensor) -> dict[str, Tensor]:
+    """One tensor of our VAE attention -> diffusers' names (qkv split in three; 1x1 convs as linears)."""
+    param = rest.split(".")[-1]
+    if rest.startswith("qkv."):
+        q, k, v = value.chunk(3, dim=0)
+        flat = (lambda t: t.flatten(1)) if param == "weight" else (lambda t: t)
+        return {f"{theirs}.to_{n}.{param}": flat(t).clone() for n, t in zip("qkv", (q, k, v))}
+    name = _rename(rest, _VAE_ATTN)
+    if name.startswith("to_out.0.") and param == "weight":
+        value = value.flatten(1)
+    return {f"{theirs}.{name}": value}
+
+
+def _fuse_qkv(ours: str, parts: Mapping[str, Tensor], what: str) -> dict[str, Tensor]:
+    out = {}
+    for param in ("weight", "bias"):
+        names = [f"to_{n}.{param}" for n in "qkv"]
+        missing = [n for n in names if n not in parts]
+        if missing:
+            raise UnsupportedByDiffusers(f"{what}: the attention at {ours} lacks {missing}")
+        fused = torch.cat([parts[n] for n in names], dim=0)
+        out[f"{ours}.qkv.{param}"] = fused[..., None, None] if param == "weight" else fused
+    return out
+
+
+def _group_counts(module: nn.Module) -> dict[int, list[int]]:
+    """GroupNorm group count -> the channel counts normalised with it."""
+    counts: dict[int, list[int]] = {}
+    for m in module.modules():
+        if isinstance(m, nn.GroupNorm):
+            counts.setdefault(m.num_groups, []).append(m.num_channels)
+    return counts
+
+
+def _single_group_count(module: nn.Module, what: str, widths_key: str) -> int:
+    counts = _group_counts(module)
+    if len(counts) != 1:
+        detail = ", ".join(f"{g} groups for {sorted(set(c))} channels" for g, c in sorted(counts.items()))
+        raise UnsupportedByDiffusers(
+            f"{what}: its GroupNorms use different group counts ({detail}); diffusers uses one "
+            f"norm_num_groups for every layer. Choose widths ({widths_key}) whose every layer gets the same "
+            "count, e.g. all multiples of 64 (32 groups each)"
+        )
+    return next(iter(counts))
+
+
+# --- autoencoder ---------------------------------------------------------------------------------------
+
+
+def _check_autoencoder(hp: Mapping[str, Any]) -> None:
+    if int(hp["ch_mult"][0]) != 1:
+        raise UnsupportedByDiffusers(
+            f"autoencoder ch_mult={list(hp['ch_mult'])}: diffusers' AutoencoderKL has no stem narrower than its "
+            "first level (its conv_in outputs block_out_channels[0]); use ch_mult starting with 1"
+        )
+
+
+def autoencoder_config(ae: AutoencoderKL, *, sample_size: int, scaling_factor: float) -> dict[str, Any]:
+    """diffusers ``AutoencoderKL`` constructor arguments for our autoencoder (the config.json of ``vae/``).
+
+    scaling_factor: the latent scale factor (1 / std of the latents) the diffusion model was trained with.
+    """
+    hp = ae.hparams()
+    _check_autoencoder(hp)
+    levels = len(hp["ch_mult"])
+    return {
+        "in_channels": int(hp["in_channels"]),
+        "out_channels": int(hp["out_channels"]),
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "block_out_channels": [int(hp["ch"]) * int(m) for m in hp["ch_mult"]],
+        "layers_per_block": int(hp["num_res_blocks"]),
+        "act_fn": "silu",
+        "latent_channels": int(hp["z_channels"]),
+        "norm_num_groups": _single_group_count(ae, "autoencoder", "model.autoencoder.ch / ch_mult"),
+        "sample_size": int(sample_size),
+        "scaling_factor": float(scaling_factor),
+        "force_upcast": False,
+        "use_quant_conv": True,
+        "use_post_quant_conv": True,
+        "mid_block_add_attention": bool(hp["attn_mid"]),
+    }
+
+
+def autoencoder_hparams_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Our AutoencoderKL arguments (dropout left out) for a diffusers AutoencoderKL config; refuses what
+    ours cannot build (other block types, activations, no quant convs, a shift factor)."""
+    checks = {
+        "down_block_types": lambda v: set(v) == {"DownEncoderBlock2D"},
+        "up_block_types": lambda v: set(v) == {"UpDecoderBlock2D"},
+        "act_fn": lambda v: v == "silu",
+        "use_quant_conv": lambda v: v in (None, True),
+        "use_post_quant_conv": lambda v: v in (None, True),
+        "shift_factor": lambda v: v in (None, 0, 0.0),
+    }
+    _refuse_config(config, checks, "diffusers AutoencoderKL")
+    widths = [int(c) for c in config["block_out_channels"]]
+    if any(w % widths[0] for w in widths):
+        raise UnsupportedByDiffusers(
+            f"diffusers AutoencoderKL block_out_channels={widths}: ours are multiples of the first (ch * ch_mult)"
+        )
+    return {
+        "in_channels": int(config.get("in_channels", 3)),
+        "out_channels": int(config.get("out_channels", 3)),
+        "ch": widths[0],
+        "ch_mult": [w // widths[0] for w in widths],
+        "num_res_blocks": int(config.get("layers_per_block", 1)),
+        "z_channels": int(config.get("latent_channels", 4)),
+        "attn_mid": bool(config.get("mid_block_add_attention", True)),
+    }
+
+
+def _refuse_config(config: Mapping[str, Any], checks: Mapping[str, Callable[[Any], bool]], what: str) -> None:
+    bad = [f"{k}={config.get(k)!r}" for k, ok in checks.items() if k in config and not ok(config[k])]
+    if bad:
+        raise UnsupportedByDiffusers(f"{what}: no equivalent in our networks for {', '.join(bad)}")
+
+
+def _autoencoder_entries(hp: Mapping[str, Any]) -> list[Entry]:
+    levels, nrb = len(hp["ch_mult"]), int(hp["num_res_blocks"])
+    e: list[Entry] = [("encoder.conv_in", "encoder.conv_in", "same")]
+    j = 0
+    for i in range(levels):
+        for r in range(nrb):
+            e.append((f"encoder.down.{j}", f"encoder.down_blocks.{i}.resnets.{r}", "resnet_vae"))
+            j += 1
+        if i != levels - 1:
+            e.append((f"encoder.down.{j}", f"encoder.down_blocks.{i}.downsamplers.0", "same"))
+            j += 1
+    for side in ("encoder", "decoder"):
+        e += [(f"{side}.mid.0", f"{side}.mid_block.resnets.0", "resnet_vae"),
+              (f"{side}.mid.1", f"{side}.mid_block.attentions.0", "vae_attn"),
+              (f"{side}.mid.2", f"{side}.mid_block.resnets.1", "resnet_vae")]  # fmt: skip
+    e += [("encoder.out.0", "encoder.conv_norm_out", "same"), ("encoder.out.2", "encoder.conv_out", "same"),
+          ("encoder.quant_conv", "quant_conv", "same"), ("decoder.post_quant_conv", "post_quant_conv", "same"),
+          ("decoder.conv_in", "decoder.conv_in", "same"), ("decoder.norm_out", "decoder.conv_norm_out", "same"),
+          ("decoder.conv_out", "decoder.conv_out", "same")]  # fmt: skip
+    j = 0
+    for b, level in enumerate(reversed(range(levels))):
+        for r in range(nrb + 1):
+            e.append((f"decoder.up.{j}", f"decoder.up_blocks.{b}.resnets.{r}", "resnet_vae"))
+            j += 1
+        if level != 0:
+            e.append((f"decoder.up.{j}", f"decoder.up_blocks.{b}.upsamplers.0", "same"))
+            j += 1
+    return e
+
+
+def autoencoder_to_diffusers(state: Mapping[str, Tensor], hparams: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Our AutoencoderKL state dict -> diffusers AutoencoderKL's (same values; the attention's qkv split)."""
+    _check_autoencoder(hparams)
+    return _convert(state, _autoencoder_entries(hparams), True, "autoencoder")
+
+
+def autoencoder_from_diffusers(state: Mapping[str, Tensor], hparams: Mapping[str, Any]) -> dict[str, Tensor]:
+    """diffusers AutoencoderKL state dict -> ours (built with `hparams`)."""
+    _check_autoencoder(hparams)
+    return _convert(state, _autoencoder_entries(hparams), False, "diffusers AutoencoderKL")
+
+
+# --- U-Net ---------------------------------------------------------------------------------------------
+
+
+def _check_unet(hp: Mapping[str, Any]) -> None:
+    if int(hp["channel_mult"][0]) != 1:
+        raise UnsupportedByDiffusers(
+            f"unet channel_mult={list(hp['channel_mult'])}: diffusers' UNet2DConditionModel has no stem narrower "
+            "than its first level (its conv_in outputs block_out_channels[0]); use channel_mult starting with 1"
+        )
+    if hp.get("resblock_updown"):
+        raise UnsupportedByDiffusers(
+            "unet resblock_updown=true (ADM's resampling ResBlocks): UNet2DConditionModel's cross-attention "
+            "blocks resample with convolutions only; train with resblock_updown=false to export"
+        )
+    if hp.get("context_dim") is None:
+        raise UnsupportedByDiffusers(
+            "unet context_dim=None (no cross-attention): UNet2DConditionModel needs a cross_attention_dim"
+        )
+
+
+def _attention_levels(hp: Mapping[str, Any]) -> list[bool]:
+    return [2**i in [int(r) for r in hp["attention_resolutions"]] for i in range(len(hp["channel_mult"]))]
+
+
+def unet_config(unet: UNet, *, sample_size: int) -> dict[str, Any]:
+    """diffusers ``UNet2DConditionModel`` constructor arguments for our U-Net (the config.json of ``unet/``).
+
+    diffusers' ``attention_head_dim`` holds the number of heads per level (its historical naming).
+    """
+    hp = unet.hparams()
+    _check_unet(hp)
+    widths = [int(hp["model_channels"]) * int(m) for m in hp["channel_mult"]]
+    attn = _attention_levels(hp)
+    head_channels = int(hp["num_head_channels"])
+    return {
+        "sample_size": int(sample_size),
+        "in_channels": int(hp["in_channels"]),
+        "out_channels": int(hp["out_channels"]),
+        "center_input_sample": False,
+        "flip_sin_to_cos": True,  # cos first, as our timestep_embedding
+        "freq_shift": 0,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "only_cross_attention": False,
+        "block_out_channels": widths,
+        "layers_per_block": int(hp["num_res_blocks"]),
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
+        "dropout": float(hp.get("dropout", 0.0)),
+        "act_fn": "silu",
+        "norm_num_groups": _single_group_count(unet, "unet", "model.unet.model_channels / channel_mult"),
+        "norm_eps": 1e-5,
+        "cross_attention_dim": int(hp["context_dim"]),
+        "transformer_layers_per_block": int(hp.get("transformer_depth", 1)),
+        "attention_head_dim": [max(w // head_channels, 1) for w in widths],
+        "use_linear_projection": False,
+        "upcast_attention": False,
+        "resnet_time_scale_shift": "scale_shift" if hp.get("use_scale_shift_norm", True) else "default",
+        "class_embed_type": None,
+        "addition_embed_type": None,
+        "time_embedding_type": "positional",
+        "conv_in_kernel": 3,
+        "conv_out_kernel": 3,
+    }
+
+
+def unet_hparams_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Our UNet arguments (dropout and checkpointing left out) for a diffusers UNet2DConditionModel config;
+    refuses what ours cannot build, naming the key."""
+    checks = {
+        "center_input_sample": lambda v: not v,
+        "flip_sin_to_cos": lambda v: bool(v),
+        "freq_shift": lambda v: v == 0,
+        "mid_block_type": lambda v: v == "UNetMidBlock2DCrossAttn",
+        "only_cross_attention": lambda v: not v if isinstance(v, bool) else not any(v),
+        "downsample_padding": lambda v: v == 1,
+        "mid_block_scale_factor": lambda v: v == 1,
+        "act_fn": lambda v: v == "silu",
+        "norm_eps": lambda v: abs(float(v) - 1e-5) < 1e-12,
+        "use_linear_projection": lambda v: not v,
+        "upcast_attention": lambda v: not v,
+        "class_embed_type": lambda v: v is None,
+        "addition_embed_type": lambda v: v is None,
+        "num_class_embeds": lambda v: v is None,
+        "encoder_hid_dim": lambda v: v is None,
+        "time_embedding_type": lambda v: v == "positional",
+        "time_embedding_dim": lambda v: v is None,
+        "time_cond_proj_dim": lambda v: v is None,
+        "timestep_post_act": lambda v: v is None,
+        "conv_in_kernel": lambda v: v == 3,
+        "conv_out_kernel": lambda v: v == 3,
+        "num_attention_heads": lambda v: v is None,
+        "attention_type": lambda v: v == "default",
+        "resnet_skip_time_act": lambda v: not v,
+        "resnet_out_scale_factor": lambda v: v == 1.0,
+        "dual_cross_attention": lambda v: not v,
+        "reverse_transformer_layers_per_block": lambda v: v is None,
+        "mid_block_only_cross_attention": lambda v: not v,
+        "cross_attention_norm": lambda v: v is None,
+        "resnet_time_scale_shift": lambda v: v in ("default", "scale_shift"),
+    }
+    _refuse_config(config, checks, "diffusers UNet2DConditionModel")
+    down = list(config["down_block_types"])
+    up = list(config["up_block_types"])
+    known = {"CrossAttnDownBlock2D", "DownBlock2D"}
+    attn = [t == "CrossAttnDownBlock2D" for t in down]
+    expected_up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)]
+    if not set(down) <= known or up != expected_up:
+        raise UnsupportedByDiffusers(
+            f"diffusers UNet2DConditionModel down_block_types={down}, up_block_types={up}: ours mirror "
+            f"CrossAttnDownBlock2D/DownBlock2D levels with CrossAttnUpBlock2D/UpBlock2D ({expected_up})"
+        )
+    widths = [int(c) for c in config["block_out_channels"]]
+    if any(w % widths[0] for w in widths):
+        raise UnsupportedByDiffusers(
+            f"diffusers UNet2DConditionModel block_out_channels={widths}: ours are multiples of the first"
+        )
+    for key in ("layers_per_block", "transformer_layers_per_block", "cross_attention_dim"):
+        value = config.get(key)
+        if isinstance(value, (list, tuple)) and len(set(value)) != 1:
+            raise UnsupportedByDiffusers(
+                f"diffusers UNet2DConditionModel {key}={list(value)}: ours use one value for every level"
+            )
+    heads = config.get("attention_head_dim", 8)
+    heads = [int(heads)] * len(widths) if not isinstance(heads, (list, tuple)) else [int(h) for h in heads]
+    head_channels = {w // h for w, h, a in zip(widths, heads, attn) if a} | {widths[-1] // heads[-1]}
+    if len(head_channels) != 1 or any(w % h for w, h, a in zip(widths, heads, attn) if a):
+        raise UnsupportedByDiffusers(
+            f"diffusers UNet2DConditionModel attention_head_dim={heads} with block_out_channels={widths}: ours "
+            "use one number of channels per head (num_head_channels) at every level"
+        )
+
+    def one(key: str, default: Any) -> int:
+        value = config.get(key, default)
+        return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+    return {
+        "in_channels": int(config.get("in_channels", 4)),
+        "out_channels": int(config.get("out_channels", 4)),
+        "model_channels": widths[0],
+        "channel_mult": [w // widths[0] for w in widths],
+        "num_res_blocks": one("layers_per_block", 2),
+        "attention_resolutions": [2**i for i, a in enumerate(attn) if a],
+        "num_head_channels": head_channels.pop(),
+        "context_dim": one("cross_attention_dim", 1280),
+        "transformer_depth": one("transformer_layers_per_block", 1),
+        "use_scale_shift_norm": config.get("resnet_time_scale_shift", "default") == "scale_shift",
+        "resblock_updown": False,
+    }
+
+
+def _unet_entries(hp: Mapping[str, Any]) -> list[Entry]:
+    levels, nrb = len(hp["channel_mult"]), int(hp["num_res_blocks"])
+    attn = _attention_levels(hp)
+    e: list[Entry] = [("time_embed.mlp.0", "time_embedding.linear_1", "same"),
+                      ("time_embed.mlp.2", "time_embedding.linear_2", "same"),
+                      ("encoder.input_blocks.0.0", "conv_in", "same")]  # fmt: skip
+    j = 1
+    for i in range(levels):
+        for r in range(nrb):
+            e.append((f"encoder.input_blocks.{j}.0", f"down_blocks.{i}.resnets.{r}", "resnet_unet"))
+            if attn[i]:
+                e.append((f"encoder.input_blocks.{j}.1", f"down_blocks.{i}.attentions.{r}", "same"))
+            j += 1
+        if i != levels - 1:
+            e.append((f"encoder.input_blocks.{j}.0", f"down_blocks.{i}.downsamplers.0", "down_unet"))
+            j += 1
+    e += [("encoder.middle_block.0", "mid_block.resnets.0", "resnet_unet"),
+          ("encoder.middle_block.1", "mid_block.attentions.0", "same"),
+          ("encoder.middle_block.2", "mid_block.resnets.1", "resnet_unet")]  # fmt: skip
+    j = 0
+    for b, level in enumerate(reversed(range(levels))):
+        for r in range(nrb + 1):
+            e.append((f"output_blocks.{j}.0", f"up_blocks.{b}.resnets.{r}", "resnet_unet"))
+            n = 1
+            if attn[level]:
+                e.append((f"output_blocks.{j}.1", f"up_blocks.{b}.attentions.{r}", "same"))
+                n = 2
+            if level and r == nrb:
+                e.append((f"output_blocks.{j}.{n}", f"up_blocks.{b}.upsamplers.0", "same"))
+            j += 1
+    e += [("out.0", "conv_norm_out", "same"), ("out.2", "conv_out", "same")]
+    return e
+
+
+def unet_to_diffusers(state: Mapping[str, Tensor], hparams: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Our UNet state dict -> diffusers UNet2DConditionModel's (the same tensors under diffusers' names)."""
+    _check_unet(hparams)
+    return _convert(state, _unet_entries(hparams), True, "unet")
+
+
+def unet_from_diffusers(state: Mapping[str, Tensor], hparams: Mapping[str, Any]) -> dict[str, Tensor]:
+    """diffusers UNet2DConditionModel state dict -> ours (built with `hparams`)."""
+    _check_unet(hparams)
+    return _convert(state, _unet_entries(hparams), False, "diffusers UNet2DConditionModel")
+
+
+# --- schedulers ------------------------------------------------------------------------------------------
+
+
+def scheduler_config(
+    schedule: NoiseSchedule, prediction_type: str, kind: str = "ddim", spacing: str = "leading"
+) -> dict[str, Any]:
+    """Constructor arguments of diffusers' DDIMScheduler (kind "ddim", eta at call time) or
+    DPMSolverMultistepScheduler (kind "dpmpp_2m": DPM-Solver++(2M), midpoint, lower-order final step) for
+    our training schedule and prediction type, stepping like our DDIMSampler / DPMSolverPP2MSampler.
+
+    Our chains end at abar = 1 (set_alpha_to_one) with steps_offset 0. diffusers' DDIM steps from t to
+    t - T // n, which is the next timestep of our chain for "leading" spacing (and for the others when n
+    divides T); diffusers' DPM "leading" is another chain than ours, so "dpmpp_2m" takes "trailing" or
+    "linspace" only.
+    """
+    if schedule.kind not in SCHEDULE_TO_DIFFUSERS:
+        raise UnsupportedByDiffusers(f"schedule kind {schedule.kind!r} has no diffusers beta_schedule")
+    if schedule.kind == "cosine" and abs(schedule.cosine_s - DIFFUSERS_COSINE_S) > 1e-12:
+        raise UnsupportedByDiffusers(
+            f"schedule cosine_s={schedule.cosine_s}: diffusers' squaredcos_cap_v2 fixes s = {DIFFUSERS_COSINE_S}"
+        )
+    if prediction_type not in PREDICTION_TO_DIFFUSERS:
+        raise UnsupportedByDiffusers(f"prediction_type {prediction_type!r} has no diffusers equivalent")
+    common = {
+        "num_train_timesteps": int(schedule.num_timesteps),
+        "beta_start": float(schedule.beta_start),
+        "beta_end": float(schedule.beta_end),
+        "beta_schedule": SCHEDULE_TO_DIFFUSERS[schedule.kind],
+        "prediction_type": PREDICTION_TO_DIFFUSERS[prediction_type],
+        "timestep_spacing": spacing,
+        "steps_offset": 0,
+        "thresholding": False,
+    }
+    if kind == "ddim":
+        return {**common, "clip_sample": False, "set_alpha_to_one": True}
+    if kind == "dpmpp_2m":
+        if spacing == "leading":
+            raise UnsupportedByDiffusers(
+                "scheduler dpmpp_2m with spacing leading: diffusers' DPMSolverMultistepScheduler defines "
+                "'leading' as another chain than ours; export it with spacing=trailing or linspace"
+            )
+        return {**common, "algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
+                "lower_order_final": True, "final_sigmas_type": "zero", "use_karras_sigmas": False}  # fmt: skip
+    raise UnsupportedByDiffusers(f"scheduler {kind!r}: expected one of {list(SCHEDULERS)}")
