@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_modules.interop.convert import _RESNET_UNET
 from lightning_modules.nets.attention import CrossAttention, SpatialTransformer
 from lightning_modules.nets.blocks import ResBlock, ada_group_norm, norm, timestep_embedding
 from lightning_modules.nets.classifier import AttentionPool2d, NoisyLatentClassifier
@@ -138,18 +139,10 @@ def test_resblock_matches_diffusers(in_ch: int, out_ch: int, scale_shift: bool, 
         down=down,
         time_embedding_norm="scale_shift" if scale_shift else "default",
     )
-    renames = {
-        "in_layers.0": "norm1",
-        "in_layers.2": "conv1",
-        "emb_layers.1": "time_emb_proj",
-        "out_layers.0": "norm2",
-        "out_layers.3": "conv2",
-        "skip_connection": "conv_shortcut",
-    }
-    state = {}
+    state = {}  # the export converter's renames (lightning_modules/interop/convert.py), checked here block by block
     for key, value in ours.state_dict().items():
         module, param = key.rsplit(".", 1)
-        state[f"{renames[module]}.{param}"] = value
+        state[f"{_RESNET_UNET[module]}.{param}"] = value
     ref.load_state_dict(state, strict=True)
 
     x, emb = torch.randn(2, in_ch, 8, 8), torch.randn(2, 20)
