@@ -72,7 +72,7 @@ def stage_hash(cfg: DictConfig) -> str:
     left out (`url_identity`); unset, the hash is the one of a config that never had the key.
     See docs/ARCHITECTURE.md, "DONE markers and config hashes".
     """
-    data = OmegaConf.to_container(cfg, resolve=True)
+    data = _without_optional_defaults(OmegaConf.to_container(cfg, resolve=True))
     trainer = {k: v for k, v in data.get("trainer", {}).items() if k not in VOLATILE_TRAINER_KEYS}
     dataset = {k: v for k, v in data.get("data", {}).items() if k not in VOLATILE_DATA_KEYS}
     dataset.pop("datamodule", None)
@@ -88,19 +88,35 @@ def stage_hash(cfg: DictConfig) -> str:
     )
 
 
-# Module options that, at their default, leave the hash what it was before they existed (finished stages
-# of older configs are not retrained for a key they never had).
-OPTIONAL_MODULE_KEYS = {"init_from_diffusers": None, "init_subfolder": None, "freeze_pretrained": False}
+# Options that, at their default, leave the hash what it was before they existed (finished stages of older
+# configs are not retrained for a key they never had): dotted key -> default. The autoencoder's options appear
+# twice, under model.autoencoder and resolved into the module's `autoencoder: ${model.autoencoder}`.
+OPTIONAL_KEYS = {
+    "stage.module.init_from_diffusers": None,
+    "stage.module.init_subfolder": None,
+    "stage.module.freeze_pretrained": False,
+    "model.autoencoder.norm_num_groups": None,
+    "stage.module.autoencoder.norm_num_groups": None,
+}
 PRETRAINED_SUBFOLDER = {"autoencoder": "vae", "diffusion": "unet"}
 
 
+def _without_optional_defaults(data: dict) -> dict:
+    """`data` (a resolved config, changed in place) without the OPTIONAL_KEYS that are at their defaults."""
+    for dotted, default in OPTIONAL_KEYS.items():
+        *parents, key = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node and node[key] == default:
+            del node[key]
+    return data
+
+
 def _stage_identity(stage: dict) -> dict:
-    """The stage block as hashed: OPTIONAL_MODULE_KEYS at their defaults left out; a diffusers model to start
-    from (`init_from_diffusers`) identified by its files' content as well as its path."""
+    """The stage block as hashed: a diffusers model to start from (`init_from_diffusers`) identified by its
+    files' content as well as its path."""
     module = dict(stage.get("module") or {})
-    for key, default in OPTIONAL_MODULE_KEYS.items():
-        if key in module and module[key] == default:
-            del module[key]
     if module.get("init_from_diffusers"):
         from lightning_modules.interop.pretrained import model_dir_content_hash
 

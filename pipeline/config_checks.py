@@ -101,6 +101,8 @@ TRAIN_RULES: dict[str, Rule] = {
     "stage.*.dropout": FRACTION,
     "stage.*.p_uncond": FRACTION,
     "stage.*.label_smoothing": FRACTION,
+    # Whether it divides every width is checked by building the autoencoder (its error names the width).
+    "model.autoencoder.norm_num_groups": Rule(int, low=0, low_open=True, optional=True),
     "requeue_check_every_n_steps": POSITIVE_INT,
     "progress_refresh_rate": COUNT,
 }

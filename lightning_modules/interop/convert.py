@@ -13,14 +13,16 @@ converters rename parameters; the one change of shape is the autoencoder's middl
 gives back the very same tensors.
 
 What has no diffusers equivalent is refused by name (`UnsupportedByDiffusers`), never exported wrongly:
-GroupNorm group counts that differ between layers (ours pick a count per width, diffusers' one
-``norm_num_groups`` for the whole network), a first level wider than the stem (``channel_mult[0] != 1``),
+GroupNorm group counts that differ between layers (by default ours pick a count per width, diffusers' one
+``norm_num_groups`` for the whole network; our autoencoder's ``norm_num_groups`` option gives every layer one
+count, which maps to diffusers' key), a first level wider than the stem (``channel_mult[0] != 1``),
 ADM's resampling ResBlocks (``resblock_updown``), a U-Net without cross-attention (``context_dim=None``)
 and a cosine schedule with another offset than diffusers' s = 0.008.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -28,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.diffusion.schedules import NoiseSchedule
-from lightning_modules.nets.autoencoder import AutoencoderKL
+from lightning_modules.nets.autoencoder import AutoencoderKL, norm_groups
 from lightning_modules.nets.unet import UNet
 
 __all__ = [
@@ -167,14 +169,14 @@ def _group_counts(module: nn.Module) -> dict[int, list[int]]:
     return counts
 
 
-def _single_group_count(module: nn.Module, what: str, widths_key: str) -> int:
+def _single_group_count(module: nn.Module, what: str, fix: str) -> int:
+    """The one GroupNorm group count of `module`; several are refused, the error ending with `fix`."""
     counts = _group_counts(module)
     if len(counts) != 1:
         detail = ", ".join(f"{g} groups for {sorted(set(c))} channels" for g, c in sorted(counts.items()))
         raise UnsupportedByDiffusers(
             f"{what}: its GroupNorms use different group counts ({detail}); diffusers uses one "
-            f"norm_num_groups for every layer. Choose widths ({widths_key}) whose every layer gets the same "
-            "count, e.g. all multiples of 64 (32 groups each)"
+            f"norm_num_groups for every layer. {fix}"
         )
     return next(iter(counts))
 
@@ -188,6 +190,16 @@ def _check_autoencoder(hp: Mapping[str, Any]) -> None:
             f"autoencoder ch_mult={list(hp['ch_mult'])}: diffusers' AutoencoderKL has no stem narrower than its "
             "first level (its conv_in outputs block_out_channels[0]); use ch_mult starting with 1"
         )
+
+
+def _uniform_groups_fix(module: nn.Module) -> str:
+    """How to retrain an autoencoder whose layers normalise with different group counts so that it exports."""
+    widths = sorted({c for cs in _group_counts(module).values() for c in cs})
+    groups = norm_groups(math.gcd(*widths))
+    return (
+        f"Retrain the autoencoder stage with model.autoencoder.norm_num_groups={groups} (one count for every "
+        f"layer; it divides all the widths {widths})"
+    )
 
 
 def autoencoder_config(ae: AutoencoderKL, *, sample_size: int, scaling_factor: float) -> dict[str, Any]:
@@ -207,7 +219,7 @@ def autoencoder_config(ae: AutoencoderKL, *, sample_size: int, scaling_factor: f
         "layers_per_block": int(hp["num_res_blocks"]),
         "act_fn": "silu",
         "latent_channels": int(hp["z_channels"]),
-        "norm_num_groups": _single_group_count(ae, "autoencoder", "model.autoencoder.ch / ch_mult"),
+        "norm_num_groups": _single_group_count(ae, "autoencoder", _uniform_groups_fix(ae)),
         "sample_size": int(sample_size),
         "scaling_factor": float(scaling_factor),
         "force_upcast": False,
@@ -219,7 +231,11 @@ def autoencoder_config(ae: AutoencoderKL, *, sample_size: int, scaling_factor: f
 
 def autoencoder_hparams_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """Our AutoencoderKL arguments (dropout left out) for a diffusers AutoencoderKL config; refuses what
-    ours cannot build (other block types, activations, no quant convs, a shift factor)."""
+    ours cannot build (other block types, activations, no quant convs, a shift factor).
+
+    `norm_num_groups` is among them only where our per-width rule (`norm_groups`) would give some layer
+    another count than the config's (diffusers' default 32), as `AutoencoderKL.hparams()` has it only when set.
+    """
     checks = {
         "down_block_types": lambda v: set(v) == {"DownEncoderBlock2D"},
         "up_block_types": lambda v: set(v) == {"UpDecoderBlock2D"},
@@ -234,6 +250,8 @@ def autoencoder_hparams_from_config(config: Mapping[str, Any]) -> dict[str, Any]
         raise UnsupportedByDiffusers(
             f"diffusers AutoencoderKL block_out_channels={widths}: ours are multiples of the first (ch * ch_mult)"
         )
+    groups = int(config.get("norm_num_groups", 32))
+    uniform = {} if all(norm_groups(w) == groups for w in widths) else {"norm_num_groups": groups}
     return {
         "in_channels": int(config.get("in_channels", 3)),
         "out_channels": int(config.get("out_channels", 3)),
@@ -242,6 +260,7 @@ def autoencoder_hparams_from_config(config: Mapping[str, Any]) -> dict[str, Any]
         "num_res_blocks": int(config.get("layers_per_block", 1)),
         "z_channels": int(config.get("latent_channels", 4)),
         "attn_mid": bool(config.get("mid_block_add_attention", True)),
+        **uniform,
     }
 
 
@@ -344,7 +363,12 @@ def unet_config(unet: UNet, *, sample_size: int) -> dict[str, Any]:
         "mid_block_scale_factor": 1,
         "dropout": float(hp.get("dropout", 0.0)),
         "act_fn": "silu",
-        "norm_num_groups": _single_group_count(unet, "unet", "model.unet.model_channels / channel_mult"),
+        "norm_num_groups": _single_group_count(
+            unet,
+            "unet",
+            "Choose widths (model.unet.model_channels / channel_mult) whose every layer gets the same count, "
+            "e.g. all multiples of 64 (32 groups each)",
+        ),
         "norm_eps": 1e-5,
         "cross_attention_dim": int(hp["context_dim"]),
         "transformer_layers_per_block": int(hp.get("transformer_depth", 1)),

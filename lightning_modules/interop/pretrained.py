@@ -89,7 +89,9 @@ def _check_same(
 
 
 def _override(value: Any) -> str:
-    """A value as a Hydra command-line override writes it: [1,2,4], true, 0.5."""
+    """A value as a Hydra command-line override writes it: [1,2,4], true, 0.5, null."""
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (list, tuple)):
@@ -97,13 +99,13 @@ def _override(value: Any) -> str:
     return str(value)
 
 
-def _check_groups(net: nn.Module, config: dict[str, Any], model_dir: Path, what: str) -> None:
+def _check_groups(net: nn.Module, config: dict[str, Any], model_dir: Path, what: str, fix: str) -> None:
     groups = {m.num_groups for m in net.modules() if isinstance(m, nn.GroupNorm)}
     want = int(config.get("norm_num_groups", 32))
     if groups != {want}:
         raise UnsupportedByDiffusers(
             f"{KEY}: the {what} at {model_dir} normalises with {want} groups everywhere, the configured one with "
-            f"{sorted(groups)}: choose widths where every layer gets {want} groups (multiples of {2 * want})"
+            f"{sorted(groups)}: {fix.format(want=want, double=2 * want)}"
         )
 
 
@@ -114,13 +116,13 @@ def init_autoencoder_from_diffusers(
     model_dir = resolve_model_dir(path, subfolder, "vae")
     config, state = _load(model_dir, "AutoencoderKL")
     _check_same(
-        net.hparams(),
+        {"norm_num_groups": None, **net.hparams()},  # the per-width rule when unset
         autoencoder_hparams_from_config(config),
         "model.autoencoder",
         model_dir,
         "AutoencoderKL",
     )
-    _check_groups(net, config, model_dir, "AutoencoderKL")
+    _check_groups(net, config, model_dir, "AutoencoderKL", "set model.autoencoder.norm_num_groups={want}")
     net.load_state_dict(autoencoder_from_diffusers(state, net.hparams()), strict=True)
     return model_dir
 
@@ -146,6 +148,7 @@ def init_unet_from_diffusers(net: UNet, path: str | os.PathLike, subfolder: str 
             )
     _check_same(ours, {k: v for k, v in theirs.items() if k not in derived}, "model.unet", model_dir,
                 "UNet2DConditionModel")  # fmt: skip
-    _check_groups(net, config, model_dir, "UNet2DConditionModel")
+    _check_groups(net, config, model_dir, "UNet2DConditionModel",
+                  "choose widths where every layer gets {want} groups (multiples of {double})")  # fmt: skip
     net.load_state_dict(unet_from_diffusers(state, net.hparams()), strict=True)
     return model_dir

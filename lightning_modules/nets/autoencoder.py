@@ -29,19 +29,41 @@ def norm_groups(channels: int, max_groups: int = MAX_NORM_GROUPS) -> int:
     return max(g for g in range(1, limit + 1) if channels % g == 0)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with adapted group count; eps 1e-6 as LDM's `Normalize`."""
-    return nn.GroupNorm(norm_groups(channels), channels, eps=1e-6, affine=True)
+def group_norm(channels: int, num_groups: int | None = None) -> nn.GroupNorm:
+    """GroupNorm with `num_groups` groups (None: `norm_groups(channels)`); eps 1e-6 as LDM's `Normalize`."""
+    groups = norm_groups(channels) if num_groups is None else num_groups
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+
+
+def check_norm_num_groups(norm_num_groups: int | None, ch: int) -> None:
+    """Raise ValueError unless `norm_num_groups` is None or a positive int dividing the base width `ch` (then it
+    divides every GroupNorm width: they are ch and its multiples ch * ch_mult[i])."""
+    if norm_num_groups is None:
+        return
+    key = "model.autoencoder.norm_num_groups"
+    if isinstance(norm_num_groups, bool) or not isinstance(norm_num_groups, int) or norm_num_groups < 1:
+        raise ValueError(
+            f"norm_num_groups={norm_num_groups!r} ({key}): expected a positive integer, or null for the "
+            "per-width rule"
+        )
+    if ch % norm_num_groups:
+        raise ValueError(
+            f"norm_num_groups={norm_num_groups} ({key}) does not divide the width {ch} (ch, the encoder's first "
+            "and the decoder's last GroupNorm width; the others are its multiples ch * ch_mult[i]): choose a "
+            f"divisor of {ch}, or null for the per-width rule"
+        )
 
 
 class ResnetBlock(nn.Module):
     """(B, C_in, H, W) -> (B, C_out, H, W): two (norm, SiLU, 3x3 conv) layers plus a skip connection."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, dropout: float = 0.0, norm_num_groups: int | None = None
+    ) -> None:
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, norm_num_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, norm_num_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
@@ -59,9 +81,9 @@ class AttnBlock(nn.Module):
     fp16/bf16 autocast (LDM's explicit bmm/softmax overflows in fp16).
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, norm_num_groups: int | None = None) -> None:
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, norm_num_groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
@@ -94,17 +116,17 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _mid_block(channels: int, attn: bool, dropout: float) -> nn.Sequential:
+def _mid_block(channels: int, attn: bool, dropout: float, groups: int | None) -> nn.Sequential:
     return nn.Sequential(
-        ResnetBlock(channels, channels, dropout),
-        AttnBlock(channels) if attn else nn.Identity(),
-        ResnetBlock(channels, channels, dropout),
+        ResnetBlock(channels, channels, dropout, groups),
+        AttnBlock(channels, groups) if attn else nn.Identity(),
+        ResnetBlock(channels, channels, dropout, groups),
     )
 
 
-def _out_head(in_channels: int, out_channels: int) -> nn.Sequential:
+def _out_head(in_channels: int, out_channels: int, groups: int | None) -> nn.Sequential:
     return nn.Sequential(
-        group_norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        group_norm(in_channels, groups), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1)
     )
 
 
@@ -119,6 +141,8 @@ class Encoder(nn.Module):
         z_channels: latent channels.
         attn_mid: self-attention in the middle block.
         dropout: dropout inside ResNet blocks.
+        norm_num_groups: GroupNorm groups of every layer; None: `norm_groups` of each width (LDM's 32 where
+            the width allows). One count for all layers is what diffusers' AutoencoderKL can represent.
     """
 
     def __init__(
@@ -130,21 +154,23 @@ class Encoder(nn.Module):
         z_channels: int,
         attn_mid: bool = True,
         dropout: float = 0.0,
+        norm_num_groups: int | None = None,
     ) -> None:
         super().__init__()
+        check_norm_num_groups(norm_num_groups, ch)
         widths = [ch * m for m in ch_mult]
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         layers: list[nn.Module] = []
         block_in = ch
         for level, width in enumerate(widths):
             for _ in range(num_res_blocks):
-                layers.append(ResnetBlock(block_in, width, dropout))
+                layers.append(ResnetBlock(block_in, width, dropout, norm_num_groups))
                 block_in = width
             if level != len(widths) - 1:
                 layers.append(Downsample(block_in))
         self.down = nn.Sequential(*layers)
-        self.mid = _mid_block(block_in, attn_mid, dropout)
-        self.out = _out_head(block_in, 2 * z_channels)
+        self.mid = _mid_block(block_in, attn_mid, dropout, norm_num_groups)
+        self.out = _out_head(block_in, 2 * z_channels, norm_num_groups)
         # LDM's `quant_conv`: a 1x1 mixing of mean and logvar channels.
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * z_channels, 1)
 
@@ -164,23 +190,25 @@ class Decoder(nn.Module):
         z_channels: int,
         attn_mid: bool = True,
         dropout: float = 0.0,
+        norm_num_groups: int | None = None,
     ) -> None:
         super().__init__()
+        check_norm_num_groups(norm_num_groups, ch)
         widths = [ch * m for m in ch_mult]
         block_in = widths[-1]
         self.post_quant_conv = nn.Conv2d(z_channels, z_channels, 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = _mid_block(block_in, attn_mid, dropout)
+        self.mid = _mid_block(block_in, attn_mid, dropout, norm_num_groups)
         layers: list[nn.Module] = []
         for level in reversed(range(len(widths))):
             # num_res_blocks + 1 per level, as LDM's decoder (inherited from the DDPM U-Net's up path).
             for _ in range(num_res_blocks + 1):
-                layers.append(ResnetBlock(block_in, widths[level], dropout))
+                layers.append(ResnetBlock(block_in, widths[level], dropout, norm_num_groups))
                 block_in = widths[level]
             if level != 0:
                 layers.append(Upsample(block_in))
         self.up = nn.Sequential(*layers)
-        self.norm_out = group_norm(block_in)
+        self.norm_out = group_norm(block_in, norm_num_groups)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -233,8 +261,11 @@ class AutoencoderKL(nn.Module):
     Args:
         in_channels: image channels C.
         out_channels: decoded channels; defaults to `in_channels`.
-        ch, ch_mult, num_res_blocks, attn_mid, dropout: see `Encoder`.
+        ch, ch_mult, num_res_blocks, attn_mid, dropout, norm_num_groups: see `Encoder`.
         z_channels: latent channels; latents are (B, z_channels, H / f, W / f).
+
+    `hparams()` holds `norm_num_groups` only when it is set, so the checkpoints of the per-width rule are
+    what they were before the option existed (and load without it).
     """
 
     def __init__(
@@ -247,8 +278,10 @@ class AutoencoderKL(nn.Module):
         z_channels: int = 4,
         attn_mid: bool = True,
         dropout: float = 0.0,
+        norm_num_groups: int | None = None,
     ) -> None:
         super().__init__()
+        check_norm_num_groups(norm_num_groups, ch)
         self._hparams = {
             "in_channels": in_channels,
             "out_channels": in_channels if out_channels is None else out_channels,
@@ -259,6 +292,8 @@ class AutoencoderKL(nn.Module):
             "attn_mid": attn_mid,
             "dropout": dropout,
         }
+        if norm_num_groups is not None:
+            self._hparams["norm_num_groups"] = norm_num_groups
         self.in_channels = in_channels
         self.z_channels = z_channels
         shared = {
@@ -268,6 +303,7 @@ class AutoencoderKL(nn.Module):
             "z_channels": z_channels,
             "attn_mid": attn_mid,
             "dropout": dropout,
+            "norm_num_groups": norm_num_groups,
         }
         self.encoder = Encoder(in_channels=in_channels, **shared)
         self.decoder = Decoder(out_channels=self._hparams["out_channels"], **shared)

@@ -125,6 +125,55 @@ def test_norm_groups(channels, groups):
     assert norm_groups(channels) == groups
 
 
+KL_F4 = {"in_channels": 1, "ch": 16, "ch_mult": [1, 2, 4], "num_res_blocks": 1, "z_channels": 4}  # the demo's
+
+
+def _groups(module: nn.Module) -> list[tuple[int, int]]:
+    return [(m.num_groups, m.num_channels) for m in module.modules() if isinstance(m, nn.GroupNorm)]
+
+
+def test_norm_num_groups_null_is_the_per_width_rule_and_leaves_the_checkpoint_as_before():
+    """null (the default): each GroupNorm gets norm_groups(width) as before the option existed (8/16/32 for the
+    demo's 16/32/64), hparams() has exactly the keys it had, so checkpoints are what they were."""
+    ae = AutoencoderKL(**KL_F4, norm_num_groups=None)
+    assert {g for g, _ in _groups(ae)} == {8, 16, 32}
+    assert all(g == norm_groups(c) for g, c in _groups(ae))
+    assert list(ae.hparams()) == ["in_channels", "out_channels", "ch", "ch_mult", "num_res_blocks", "z_channels",
+                                  "attn_mid", "dropout"]  # fmt: skip
+
+
+def test_norm_num_groups_sets_every_group_norm_and_keeps_the_state_dict_layout():
+    torch.manual_seed(0)
+    per_width = AutoencoderKL(**KL_F4)
+    torch.manual_seed(0)
+    uniform = AutoencoderKL(**KL_F4, norm_num_groups=8)
+    assert {g for g, _ in _groups(uniform)} == {8} and len(_groups(uniform)) == len(_groups(per_width))
+    assert uniform.hparams()["norm_num_groups"] == 8
+    rebuilt = AutoencoderKL(**uniform.hparams())  # what a checkpoint's loader does
+    assert _groups(rebuilt) == _groups(uniform)
+    # Same parameters (GroupNorm's affine weights do not depend on the group count), another function.
+    a, b = per_width.state_dict(), uniform.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        assert not torch.allclose(per_width.encode(x).mean, uniform.encode(x).mean)
+
+
+@pytest.mark.parametrize(
+    "kw, fragment",
+    [
+        ({"ch": 12, "norm_num_groups": 8}, r"norm_num_groups=8 \(model\.autoencoder\.norm_num_groups\) does not "
+                                           r"divide the width 12 \(ch,.*divisor of 12"),
+        ({"ch_mult": [1, 3, 4], "norm_num_groups": 32}, r"does not divide the width 16 \(ch,"),
+        ({"norm_num_groups": 0}, r"norm_num_groups=0 \(model\.autoencoder\.norm_num_groups\): expected a positive"),
+        ({"norm_num_groups": True}, r"norm_num_groups=True .*expected a positive integer"),
+    ],
+)  # fmt: skip
+def test_norm_num_groups_that_does_not_fit_the_widths_is_refused_by_name(kw, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        AutoencoderKL(**(KL_F4 | kw))
+
+
 # ---- PatchDiscriminator ---------------------------------------------------------------------------
 
 
