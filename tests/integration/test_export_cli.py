@@ -198,6 +198,48 @@ def test_a_run_without_diffusers_equivalent_is_refused_by_name_and_nothing_writt
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_the_demo_autoencoder_with_one_group_count_exports(tmp_path):
+    """conf/model/autoencoder/kl_f4.yaml (8/16/32 groups by width: refused above) with
+    model.autoencoder.norm_num_groups=8, built from the autoencoder stage's composed config as training builds
+    it, exports through the CLI, and diffusers' VAE decodes as ours. A count that does not divide the widths is
+    refused by name when the stage's module is built, before the stage writes anything (pipeline.train)."""
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    from lightning_modules.artifacts import load_autoencoder
+    from pipeline.config_checks import ConfigError, build_or_explain
+    from pipeline.run import CONF
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name="groups"):
+        base = ["stage=autoencoder", f"paths.root_dir={tmp_path}"]
+        cfg = compose(config_name="train", overrides=[*base, "model.autoencoder.norm_num_groups=8"])
+        bad = compose(config_name="train", overrides=[*base, "model.autoencoder.norm_num_groups=3"])
+    GlobalHydra.instance().clear()
+    with pytest.raises(ConfigError, match=r"norm_num_groups=3 \(model\.autoencoder\.norm_num_groups\) does not "
+                                          r"divide the width 16"):  # fmt: skip
+        build_or_explain(bad.stage.module.autoencoder, "stage.module", "the stage")
+    ae = _perturb(instantiate(cfg.stage.module.autoencoder), 0).eval()
+    run = tmp_path / "run"
+    ae_art = autoencoder_artifacts(ae, SCALE, [1, 32, 32], [4, 8, 8])
+    ae_path = save_artifact(run / "autoencoder" / "checkpoints" / "final.ckpt", "autoencoder", ae_art)
+    loaded, _, fingerprint = load_autoencoder(ae_path)
+    assert loaded.hparams()["ch_mult"] == [1, 2, 4] and loaded.hparams()["norm_num_groups"] == 8
+    unet, cond = _perturb(UNet(**UNET), 1), _perturb(ClassConditioner(10, 16), 2)
+    art = diffusion_artifacts(unet, cond, None, NoiseSchedule("scaled_linear", 1000), "eps", [4, 8, 8], ae_path,
+                              fingerprint, SCALE, 10)  # fmt: skip
+    save_artifact(run / "diffusion" / "checkpoints" / "final.ckpt", "diffusion", art)
+    proc = run_cli("pipeline.export", f"run_dir={run}", f"out={tmp_path / 'out'}")
+    assert f"-> {tmp_path / 'out'}" in proc.stdout
+    vae = DiffusersAutoencoderKL.from_pretrained(tmp_path / "out" / "vae", local_files_only=True).eval()
+    assert vae.config.norm_num_groups == 8 and list(vae.config.block_out_channels) == [16, 32, 64]
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(z).sample, loaded.decode(z), atol=1e-5, rtol=0)
+
+
 @pytest.mark.slow  # loads the packaged MiniLM text encoder twice and writes it: ~2 min on 2 busy cores
 def test_text_model_exports_encoder_and_tokenizer_and_samples_equal_ours(tmp_path, monkeypatch):
     """A text-conditional (v-prediction) model: text_encoder/ + tokenizer/ instead of conditioner/; prompts,
