@@ -140,6 +140,7 @@ def test_norm_num_groups_null_is_the_per_width_rule_and_leaves_the_checkpoint_as
     assert all(g == norm_groups(c) for g, c in _groups(ae))
     assert list(ae.hparams()) == ["in_channels", "out_channels", "ch", "ch_mult", "num_res_blocks", "z_channels",
                                   "attn_mid", "dropout"]  # fmt: skip
+    assert _groups(AutoencoderKL(**ae.hparams())) == _groups(ae)  # a checkpoint without the key loads as before
 
 
 def test_norm_num_groups_sets_every_group_norm_and_keeps_the_state_dict_layout():
