@@ -401,7 +401,6 @@ def time_steps(step: Callable[[], None], device: torch.device, warmup: int, step
 def release_memory(device: torch.device) -> None:
     """Free what the last part left: reference cycles (gc), dynamo's compiled code and guards (which hold the
     compiled modules), the CUDA caching allocator's free blocks; reset the peak-memory counter."""
-    gc.collect()
     torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
@@ -418,28 +417,29 @@ def train_part(size: str, stage: str, device: torch.device, args, tmp: Path, bat
     """`measure_train` at the config's batch (or `batch`); after an out-of-memory error, again at half the
     batch, at most --oom-retries times (the batches that ran out are in `oom_batches`)."""
     args.size_now = size
-    batch = batch or int(compose_stage(size, stage, args.trainer, args.tiny).data.batch_size)
+    cfg = compose_stage(size, stage, args.trainer, args.tiny, batch)
     ooms: list[int] = []
     while True:
         try:
-            result = measure_train(size, stage, device, args, tmp, batch)
+            result = measure_train(cfg, stage, device, args, tmp)
             return {**result, "oom_batches": ooms} if ooms else result
         except torch.OutOfMemoryError as err:
-            message = f"OutOfMemoryError at batch {batch}: {err}"[:2000]
+            message = f"OutOfMemoryError at batch {cfg.data.batch_size}: {err}"[:2000]
         # Outside the except block: the error's traceback (and the part's tensors its frames hold) is gone.
-        ooms.append(batch)
+        ooms.append(int(cfg.data.batch_size))
         release_memory(device)
-        if len(ooms) > args.oom_retries or batch < 2:
+        if len(ooms) > args.oom_retries or ooms[-1] < 2:
             raise RuntimeError(f"{message} (batches tried: {ooms})")
-        batch //= 2
+        cfg = compose_stage(size, stage, args.trainer, args.tiny, ooms[-1] // 2)
 
 
-def measure_train(size: str, stage: str, device: torch.device, args, tmp: Path, batch: int) -> dict:
+def measure_train(cfg, stage: str, device: torch.device, args, tmp: Path) -> dict:
+    """One part's measurement at the composed config `cfg` (run_part frees the memory after each part)."""
     torch.manual_seed(0)
-    release_memory(device)  # each part compiles afresh (no recompile limits shared between parts)
-    args.size_now = size
+    torch._dynamo.reset()  # each part compiles afresh (no recompile limits shared between parts)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     result: dict = {"allocated_mib_at_start": allocated_mib(device)}  # > 0: an earlier part's tensors leaked
-    cfg = compose_stage(size, stage, args.trainer, args.tiny, batch)
     compile_on = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     result.update(batch_size=int(cfg.data.batch_size), precision=args.precision, compiled=compile_on,
                   **({"compile_backend": COMPILE_BACKEND, "compile_scope": COMPILE_SCOPE} if compile_on else {}))  # fmt: skip
