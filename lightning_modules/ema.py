@@ -77,8 +77,13 @@ class EMA(nn.Module):
     def update(self, model: nn.Module) -> None:
         self.num_updates += 1
         d = self.current_decay()
-        for ema_p, p in zip(self.shadow.parameters(), model.parameters(), strict=True):
-            ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - d)
+        # One multi-tensor lerp over all parameters (torch._foreach_lerp_: on CUDA a few fused kernel launches
+        # instead of one per parameter, ~700 for the LDM-4 U-Net); per element the same lerp as Tensor.lerp_,
+        # theta_ema + (1 - d) * (theta - theta_ema), so the values equal the per-parameter loop's.
+        shadow = list(self.shadow.parameters())
+        live = [p.detach().to(e.dtype) for e, p in zip(shadow, model.parameters(), strict=True)]
+        if shadow:
+            torch._foreach_lerp_(shadow, live, 1.0 - d)
         for ema_b, b in zip(self.shadow.buffers(), model.buffers(), strict=True):
             ema_b.copy_(b)
 

@@ -1,4 +1,6 @@
-"""Conditioners: map a batch's labels or captions to context tokens (B, L, D) and a key mask (B, L).
+"""Conditioners: map a batch's labels or captions to context tokens (B, L, D) and a key mask (B, L), or
+None where every token is real (class tokens): attention then runs without a mask, which lets SDPA on CUDA
+pick its flash kernels (they accept no mask); an all-True mask would give the same values more slowly.
 
 Each knows its null condition (a reserved class index, or the empty caption) and drops conditions to
 it at random, so one network learns p(z) and p(z | y) together for classifier-free guidance
@@ -28,8 +30,9 @@ class Conditioner(nn.Module, ABC):
     context_dim: int
 
     @abstractmethod
-    def forward(self, condition: Any) -> tuple[Tensor, Tensor]:
-        """condition (B items) -> context (B, L, context_dim), mask (B, L) bool (True = real token)."""
+    def forward(self, condition: Any) -> tuple[Tensor, Tensor | None]:
+        """condition (B items) -> context (B, L, context_dim), mask (B, L) bool (True = real token), or None
+        when every token is real."""
 
     @abstractmethod
     def null_condition(self, batch_size: int) -> Any:
@@ -64,7 +67,7 @@ class Conditioner(nn.Module, ABC):
 
     def encode_batch(
         self, batch: dict[str, Any], p_drop: float = 0.0, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor | None]:
         """condition_from_batch, then drop with probability ``p_drop``, then forward."""
         return self(self.drop(self.condition_from_batch(batch), p_drop, generator))
 
@@ -89,8 +92,12 @@ class ClassConditioner(Conditioner):
     def hparams(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes, "embed_dim": self.context_dim, "num_tokens": self.num_tokens}
 
-    def forward(self, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """labels (B,) long in [0, num_classes] -> context (B, num_tokens, D), mask (B, num_tokens)."""
+    def forward(self, labels: Tensor) -> tuple[Tensor, None]:
+        """labels (B,) long in [0, num_classes] -> context (B, num_tokens, D), mask None.
+
+        Every class token is real, so there is no key mask: SDPA without one may run flash attention on
+        CUDA, which a mask (even an all-True one, the same result) rules out.
+        """
         if labels.ndim != 1 or labels.dtype not in (torch.int32, torch.int64):
             raise ValueError(
                 f"expected labels as a (B,) integer tensor, got {labels.dtype} {tuple(labels.shape)}"
@@ -101,9 +108,7 @@ class ClassConditioner(Conditioner):
                 f"label {int(bad[0])} out of range: expected 0..{self.num_classes - 1} "
                 f"or the null index {self.null_index}"
             )
-        context = self.embedding(labels).view(len(labels), self.num_tokens, self.context_dim)
-        mask = torch.ones(len(labels), self.num_tokens, dtype=torch.bool, device=labels.device)
-        return context, mask
+        return self.embedding(labels).view(len(labels), self.num_tokens, self.context_dim), None
 
     def null_condition(self, batch_size: int) -> Tensor:
         """(batch_size,) long tensor filled with ``null_index``."""

@@ -37,7 +37,7 @@ def test_class_conditioner_reserves_null_index() -> None:
     null = cond.null_condition(4)
     assert null.dtype == torch.long and null.tolist() == [NUM_CLASSES] * 4
     context, mask = cond(torch.tensor([0, 9, NUM_CLASSES]))
-    assert context.shape == (3, 3, 8) and mask.shape == (3, 3) and mask.dtype == torch.bool and mask.all()
+    assert context.shape == (3, 3, 8) and mask is None  # every token real: no mask, so SDPA may use flash
     torch.testing.assert_close(context[2].flatten(), cond.embedding.weight[NUM_CLASSES])
     assert not torch.allclose(context[0], context[1])
 

@@ -76,3 +76,23 @@ def test_imagenet256_ldm_diffusion_uses_litema_and_builds_it() -> None:
     assert cfg.stage.module.ema_decay == 0.9999
     ema = EMA(nn.Linear(1, 1), decay=cfg.stage.module.ema_decay, warmup=cfg.stage.module.ema_warmup)
     assert ema.warmup == "litema"
+
+
+def test_foreach_update_equals_the_per_parameter_loop_exactly() -> None:
+    """EMA.update's multi-tensor lerp gives the very bits of the per-parameter Tensor.lerp_ loop (float32,
+    mixed shapes, a buffer copied as is, decays of the warm-up's first updates)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.Flatten(), nn.Linear(5 * 6 * 6, 7))
+    ema = EMA(model, decay=0.999, warmup="litema")
+    reference = [p.detach().clone() for p in ema.shadow.parameters()]
+    for n in range(1, 5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(2, 3, 8, 8))  # moves the BatchNorm running statistics (buffers)
+        ema.update(model)
+        d = ema_decay_at(n, 0.999, "litema")
+        for r, p in zip(reference, model.parameters(), strict=True):
+            r.lerp_(p.detach(), 1.0 - d)
+        assert all(torch.equal(a, b) for a, b in zip(ema.shadow.parameters(), reference, strict=True)), n
+        assert all(torch.equal(a, b) for a, b in zip(ema.shadow.buffers(), model.buffers(), strict=True)), n

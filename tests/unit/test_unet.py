@@ -255,6 +255,24 @@ def test_unet_context_mask_is_respected() -> None:
         assert not torch.allclose(model(x, t, changed_kept, mask), out, atol=1e-4)
 
 
+@pytest.mark.parametrize("length", [1, 3])
+def test_unet_all_true_mask_equals_no_mask_bitwise(length: int) -> None:
+    """The class conditioner passes no mask (None) instead of an all-True one so that SDPA on CUDA may run
+    flash attention: outputs and gradients must be the same bits either way (float32, CPU)."""
+    model = _perturb_zero_init(_unet())
+    x, t, context = _inputs(length=length)
+    full = torch.ones(2, length, dtype=torch.bool)
+    outs, grads = [], []
+    for mask in (full, None):
+        model.zero_grad(set_to_none=True)
+        out = model(x, t, context, mask)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append(out.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
 def test_unet_checkpointing_matches_plain() -> None:
     plain = _perturb_zero_init(_unet())
     ckpt = _unet(use_checkpoint=True)
