@@ -8,7 +8,9 @@ data=imagefolder`) runs in a fresh process per worker count. Reported: images/s 
 (listing, decoding, PNG encoding, sha256, manifest); the peak resident memory of the largest process (max
 of the parent's and any writer's ru_maxrss); and the peak memory of the whole process tree (prepare and its
 writers), the sum of their proportional set sizes (PSS: a page the forked writers share with the parent
-counted once in all) sampled every 20 ms from /proc/<pid>/smaps_rollup. The targets of issue 14: peak memory independent of the dataset size (within 15% from 20k to 100k images)
+counted once in all) sampled every 20 ms from /proc/<pid>/smaps_rollup, and the anonymous part of it
+(Pss_Anon: heap and buffers; the shared libraries' file pages excluded, whose PSS also depends on what
+other processes on the machine map the same files). The targets of issue 14: peak memory independent of the dataset size (within 15% from 20k to 100k images)
 and 2 workers at least 1.7x the images/s of 1 on a 2-core machine. The CPU (lscpu model name and the
 SIMD flags) is printed with the table.
 """
@@ -69,27 +71,32 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _pss_kib(pid: int) -> int:
+def _pss_kib(pid: int) -> tuple[int, int]:
+    """(Pss, Pss_Anon) of a process in KiB."""
     try:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:  # the process ended between listing and reading
-        return 0
-    return next((int(line.split()[1]) for line in text.splitlines() if line.startswith("Pss:")), 0)
+        return 0, 0
+    fields = {line.split(":")[0]: int(line.split()[1]) for line in text.splitlines()[1:] if line.endswith("kB")}
+    return fields.get("Pss", 0), fields.get("Pss_Anon", 0)
 
 
 class TreePeak(threading.Thread):
-    """Samples the summed PSS of this process and its descendants every `interval` s; `peak_kib` is the max."""
+    """Samples the summed PSS (all, anonymous) of this process and its descendants every `interval` s;
+    `peak_kib` holds the max of each."""
 
     def __init__(self, interval: float = 0.02) -> None:
         super().__init__(daemon=True)
-        self.interval, self.peak_kib, self._done = interval, 0, threading.Event()
+        self.interval, self.peak_kib, self._done = interval, (0, 0), threading.Event()
 
     def run(self) -> None:
         while not self._done.is_set():
-            self.peak_kib = max(self.peak_kib, sum(_pss_kib(p) for p in _tree(os.getpid())))
+            now = [_pss_kib(p) for p in _tree(os.getpid())]
+            total, anon = sum(x[0] for x in now), sum(x[1] for x in now)
+            self.peak_kib = (max(self.peak_kib[0], total), max(self.peak_kib[1], anon))
             self._done.wait(self.interval)
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, int]:
         self._done.set()
         self.join()
         return self.peak_kib
@@ -112,8 +119,8 @@ def run_one(folder: str, out: str, workers: int, shard_size: int, px: int) -> No
     tree = sampler.stop()
     n = sum(v["num_samples"] for v in m["splits"].values()) + m.get("num_skipped", 0)
     peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    print(json.dumps({"images_per_s": n / took, "peak_mib": peak / 1024, "tree_pss_mib": tree / 1024,
-                      "skipped": m.get("num_skipped", 0)}))  # fmt: skip
+    print(json.dumps({"images_per_s": n / took, "peak_mib": peak / 1024, "tree_pss_mib": tree[0] / 1024,
+                      "tree_anon_mib": tree[1] / 1024, "skipped": m.get("num_skipped", 0)}))  # fmt: skip
 
 
 def main() -> None:
@@ -143,14 +150,16 @@ def main() -> None:
                 res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
                 rows.append((n, w, res))
                 print(f"  {n} images, {w} worker(s): {res['images_per_s']:.0f} img/s, peak RSS of a process "
-                      f"{res['peak_mib']:.0f} MiB, of the tree (PSS) {res['tree_pss_mib']:.0f} MiB", flush=True)  # fmt: skip
+                      f"{res['peak_mib']:.0f} MiB, of the tree: PSS {res['tree_pss_mib']:.0f} MiB, anonymous "
+                      f"{res['tree_anon_mib']:.0f} MiB", flush=True)  # fmt: skip
                 shutil.rmtree(out)
             shutil.rmtree(folder)
-    print(f"\n{'images':>8} | " + " | ".join(f"{w} worker(s): img/s, peak MiB (process, tree PSS)" for w in args.workers))
+    print(f"\n{'images':>8} | " + " | ".join(f"{w} worker(s): img/s, peak MiB (process, tree PSS, tree anon)"
+                                              for w in args.workers))  # fmt: skip
     for n in args.sizes:
         cells = [r for (m, _, r) in rows if m == n]
-        print(f"{n:>8} | " + " | ".join(f"{r['images_per_s']:>10.0f}, {r['peak_mib']:>6.0f}, {r['tree_pss_mib']:>6.0f}"
-                                        + " " * 12 for r in cells))  # fmt: skip
+        print(f"{n:>8} | " + " | ".join(f"{r['images_per_s']:>10.0f}, {r['peak_mib']:>6.0f}, {r['tree_pss_mib']:>6.0f}, "
+                                        f"{r['tree_anon_mib']:>6.0f}" + " " * 12 for r in cells))  # fmt: skip
     for n in args.sizes:
         by_w = {w: r for (m, w, r) in rows if m == n}
         if 1 in by_w and 2 in by_w:
@@ -159,7 +168,7 @@ def main() -> None:
     for w in args.workers:
         a, b = ({m: r for (m, ww, r) in rows if ww == w}[x] for x in (small, large))
         print(f"{w} worker(s): peak memory at {large} / at {small} images: process {b['peak_mib'] / a['peak_mib']:.3f}x, "
-              f"tree {b['tree_pss_mib'] / a['tree_pss_mib']:.3f}x")
+              f"tree PSS {b['tree_pss_mib'] / a['tree_pss_mib']:.3f}x, tree anon {b['tree_anon_mib'] / a['tree_anon_mib']:.3f}x")
 
 
 if __name__ == "__main__":
