@@ -49,6 +49,8 @@ def test_prepare_array_job_writes_the_manifest_of_a_local_prepare(cluster, tmp_p
     assert load_manifest(tmp_path / "data" / "arr") == arr
 
 
+@pytest.mark.slow  # a training job after prepare's jobs: ~3 min on 2 shared cores; the dependency itself is
+# checked without a cluster by test_prepare_array.py::test_run_chain_stages_depend_on_the_manifest_job
 def test_run_chain_stages_wait_for_the_manifest_job(cluster, tmp_path):  # noqa: F811
     make_folder(tmp_path / "imgs")
     out = run_cli("pipeline.run", "stages=[prepare,feature_net_perceptual]", "debug=fdr", "logger=csv",

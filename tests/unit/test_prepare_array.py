@@ -130,3 +130,33 @@ def test_launcher_slurm_errors_before_any_sbatch(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="launcher.prepare_tasks"):
         prepare(cfg, args)
     assert calls == []
+
+
+def _chain(tmp_path, prepare_args: list[str], submitted: list) -> list[str]:
+    from omegaconf import OmegaConf
+
+    from pipeline.run import Step
+
+    launcher = OmegaConf.load(REPO / "conf" / "launcher" / "slurm.yaml")
+    launcher.merge_with({"log_dir": str(tmp_path / "logs"), "venv": None, "prepare_tasks": 2, "cpus_per_task": 1})
+    steps = [Step("prepare", "pipeline.prepare", "prepare", [], False, prepare_args),
+             Step("autoencoder", "pipeline.train", "train", ["stage=autoencoder"], True)]  # fmt: skip
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return slurm_chain.submit_chain(steps, OmegaConf.create({"launcher": launcher}),
+                                        lambda step: (False, "not run yet"))  # fmt: skip
+
+
+def test_run_chain_stages_depend_on_the_manifest_job(tmp_path, monkeypatch):
+    make_folder(tmp_path / "imgs")
+    calls = _fake_sbatch(monkeypatch)
+    ids = _chain(tmp_path, config(tmp_path)[1], calls)
+    array, manifest_job, stage = calls
+    assert ids == ["101", "102", "103"] and "--array=0-1" in array and "manifest_only=true" in manifest_job
+    assert "--dependency=afterok:101" in manifest_job and "--dependency=afterok:102" in stage
+
+
+def test_run_chain_refuses_a_bad_source_before_any_sbatch(tmp_path, monkeypatch):
+    calls = _fake_sbatch(monkeypatch)  # no folder made: data.source.root does not exist
+    with pytest.raises(InstantiationException, match=r"data.source.root"):
+        _chain(tmp_path, config(tmp_path)[1], calls)
+    assert calls == []
