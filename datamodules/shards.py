@@ -9,6 +9,7 @@ prepare never leaves a manifest that points at a half-written shard.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
@@ -266,11 +267,20 @@ def write_shards(
     _JOB["plan"] = plan
     try:
         if num_workers > 1 and len(tasks) > 1:
-            ctx = mp.get_context("fork")
-            with ctx.Pool(min(num_workers, len(tasks))) as pool:
-                for entry in pool.imap_unordered(_write_shard, tasks):
-                    done[entry["name"]] = entry
-                    bar.update(entry["num_samples"] + len(entry["skipped"]))
+            # Forked writers share the parent's pages until they write to them, and a garbage collection in a
+            # writer writes to every object it traverses: over a long prepare the writers ended up with
+            # private copies of the parent's heap (the tree's memory grew with the dataset: +31% from 20k to
+            # 100k images at 2 writers). gc.freeze() before the fork keeps the parent's objects out of the
+            # writers' collections (the Python docs' recipe for fork without exec), and one shard per
+            # writer process (maxtasksperchild=1) returns what a writer did copy when its shard is done.
+            gc.freeze()
+            try:
+                with mp.get_context("fork").Pool(min(num_workers, len(tasks)), maxtasksperchild=1) as pool:
+                    for entry in pool.imap_unordered(_write_shard, tasks):
+                        done[entry["name"]] = entry
+                        bar.update(entry["num_samples"] + len(entry["skipped"]))
+            finally:
+                gc.unfreeze()
         else:
             for task in tasks:
                 entry = _write_shard(task)
