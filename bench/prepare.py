@@ -5,9 +5,12 @@
 For each size, a folder of small random JPEGs (two class folders, `--image` px, plus 3 corrupt files) is
 generated once under a temporary directory; then `prepare_dataset` (the code of `python -m pipeline.prepare
 data=imagefolder`) runs in a fresh process per worker count. Reported: images/s over the whole prepare
-(listing, decoding, PNG encoding, sha256, manifest) and the peak resident memory of the largest process
-(max of the parent's and any writer's ru_maxrss; with 2 workers the total is about twice that). The
-targets of issue 14: peak memory independent of the dataset size (within 15% from 20k to 100k images)
+(listing, decoding, PNG encoding, sha256, manifest); the peak resident memory of the largest process (max
+of the parent's and any writer's ru_maxrss); and the peak memory of the whole process tree (prepare and its
+writers), the sum of their proportional set sizes (PSS: a page the forked writers share with the parent
+counted once in all) sampled every 20 ms from /proc/<pid>/smaps_rollup, and the anonymous part of it
+(Pss_Anon: heap and buffers; the shared libraries' file pages excluded, whose PSS also depends on what
+other processes on the machine map the same files). The targets of issue 14: peak memory independent of the dataset size (within 15% from 20k to 100k images)
 and 2 workers at least 1.7x the images/s of 1 on a 2-core machine. The CPU (lscpu model name and the
 SIMD flags) is printed with the table.
 """
@@ -16,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -52,20 +57,70 @@ def make_folder(root: Path, n: int, px: int) -> None:
         (root / "a" / f"corrupt{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
 
 
+def _tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (from /proc/<pid>/task/<tid>/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    return out
+
+
+def _pss_kib(pid: int) -> tuple[int, int]:
+    """(Pss, Pss_Anon) of a process in KiB."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:  # the process ended between listing and reading
+        return 0, 0
+    fields = {line.split(":")[0]: int(line.split()[1]) for line in text.splitlines()[1:] if line.endswith("kB")}
+    return fields.get("Pss", 0), fields.get("Pss_Anon", 0)
+
+
+class TreePeak(threading.Thread):
+    """Samples the summed PSS (all, anonymous) of this process and its descendants every `interval` s;
+    `peak_kib` holds the max of each."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.interval, self.peak_kib, self._done = interval, (0, 0), threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            now = [_pss_kib(p) for p in _tree(os.getpid())]
+            total, anon = sum(x[0] for x in now), sum(x[1] for x in now)
+            self.peak_kib = (max(self.peak_kib[0], total), max(self.peak_kib[1], anon))
+            self._done.wait(self.interval)
+
+    def stop(self) -> tuple[int, int]:
+        self._done.set()
+        self.join()
+        return self.peak_kib
+
+
 def run_one(folder: str, out: str, workers: int, shard_size: int, px: int) -> None:
-    """In a fresh process: one prepare; print images/s and the peak RSS (MiB) as JSON."""
+    """In a fresh process: one prepare; print images/s, the largest process's peak RSS and the process tree's
+    peak PSS (MiB) as JSON."""
     sys.path.insert(0, str(REPO))
     from datamodules.shards import prepare_dataset
     from datamodules.sources import ImageFolder
 
+    sampler = TreePeak()
+    sampler.start()
     t0 = time.perf_counter()
     m = prepare_dataset(ImageFolder(folder, channels=3, image_size=px), out, name="bench", config={},
                         val_size=500, test_size=500, shard_size=shard_size, num_workers=workers,
                         progress=False)  # fmt: skip
     took = time.perf_counter() - t0
+    tree = sampler.stop()
     n = sum(v["num_samples"] for v in m["splits"].values()) + m.get("num_skipped", 0)
     peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    print(json.dumps({"images_per_s": n / took, "peak_mib": peak / 1024, "skipped": m.get("num_skipped", 0)}))
+    print(json.dumps({"images_per_s": n / took, "peak_mib": peak / 1024, "tree_pss_mib": tree[0] / 1024,
+                      "tree_anon_mib": tree[1] / 1024, "skipped": m.get("num_skipped", 0)}))  # fmt: skip
 
 
 def main() -> None:
@@ -94,18 +149,26 @@ def main() -> None:
                        "--shard-size", str(args.shard_size), "--image", str(args.image)]  # fmt: skip
                 res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
                 rows.append((n, w, res))
-                print(f"  {n} images, {w} worker(s): {res['images_per_s']:.0f} img/s, peak {res['peak_mib']:.0f} MiB",
-                      flush=True)  # fmt: skip
+                print(f"  {n} images, {w} worker(s): {res['images_per_s']:.0f} img/s, peak RSS of a process "
+                      f"{res['peak_mib']:.0f} MiB, of the tree: PSS {res['tree_pss_mib']:.0f} MiB, anonymous "
+                      f"{res['tree_anon_mib']:.0f} MiB", flush=True)  # fmt: skip
                 shutil.rmtree(out)
             shutil.rmtree(folder)
-    print(f"\n{'images':>8} | " + " | ".join(f"{w} worker(s): img/s, peak MiB" for w in args.workers))
+    print(f"\n{'images':>8} | " + " | ".join(f"{w} worker(s): img/s, peak MiB (process, tree PSS, tree anon)"
+                                              for w in args.workers))  # fmt: skip
     for n in args.sizes:
         cells = [r for (m, _, r) in rows if m == n]
-        print(f"{n:>8} | " + " | ".join(f"{r['images_per_s']:>10.0f}, {r['peak_mib']:>6.0f}" + " " * 12 for r in cells))
+        print(f"{n:>8} | " + " | ".join(f"{r['images_per_s']:>10.0f}, {r['peak_mib']:>6.0f}, {r['tree_pss_mib']:>6.0f}, "
+                                        f"{r['tree_anon_mib']:>6.0f}" + " " * 12 for r in cells))  # fmt: skip
     for n in args.sizes:
         by_w = {w: r for (m, w, r) in rows if m == n}
         if 1 in by_w and 2 in by_w:
             print(f"{n}: 2 workers / 1 worker = {by_w[2]['images_per_s'] / by_w[1]['images_per_s']:.2f}x")
+    small, large = min(args.sizes), max(args.sizes)
+    for w in args.workers:
+        a, b = ({m: r for (m, ww, r) in rows if ww == w}[x] for x in (small, large))
+        print(f"{w} worker(s): peak memory at {large} / at {small} images: process {b['peak_mib'] / a['peak_mib']:.3f}x, "
+              f"tree PSS {b['tree_pss_mib'] / a['tree_pss_mib']:.3f}x, tree anon {b['tree_anon_mib'] / a['tree_anon_mib']:.3f}x")
 
 
 if __name__ == "__main__":
