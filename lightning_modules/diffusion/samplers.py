@@ -26,6 +26,7 @@ from .schedules import NoiseSchedule
 __all__ = [
     "DDIMSampler",
     "DDPMSampler",
+    "DDPM_VARIANCES",
     "DPM_FINAL_SIGMAS",
     "DPMSolverPP2MSampler",
     "Sampler",
@@ -153,18 +154,35 @@ class _RespacedSampler:
         return x0, _predict_eps(x_t, x0, abar_t)
 
 
+# The two fixed reverse-step variances of Ho et al. 2020, Sec. 3.2: the posterior's beta~_t (the lower bound)
+# and beta_t (the upper bound); diffusers' DDPMScheduler variance_type names.
+DDPM_VARIANCES = ("fixed_small", "fixed_large")
+
+
 @dataclass
 class DDPMSampler(_RespacedSampler):
-    """Ancestral sampling with the posterior q(x_t' | x_t, x0_hat) (Ho et al. 2020, eq. 6-7, Algorithm 2).
+    """Ancestral sampling with the posterior mean of q(x_t' | x_t, x0_hat) (Ho et al. 2020, eq. 6-7, Algorithm 2).
 
     On a respaced chain the step uses beta_t' = 1 - abar_t / abar_prev (Nichol & Dhariwal 2021, Sec. 4;
-    diffusers' DDPMScheduler with num_inference_steps < T) and the "fixed_small" variance
-    (1 - abar_prev) / (1 - abar_t) * beta_t'. Classifier guidance shifts the step's mean by variance * grad.
+    diffusers' DDPMScheduler with num_inference_steps < T). `variance`: "fixed_small" is the posterior
+    variance beta~_t' = (1 - abar_prev) / (1 - abar_t) * beta_t' (equal to DDIM with eta = 1); "fixed_large"
+    is beta_t' itself, improved-diffusion's default for a model trained without a learned variance
+    (`sigma_small=False`: ModelVarType.FIXED_LARGE), the fixed baseline of Nichol & Dhariwal 2021, Sec. 3.1.
+    The chain's last step adds no noise with either (guided-diffusion: none at t = 0). Classifier guidance
+    shifts the step's mean by variance * grad.
     """
 
     num_steps: int = 1000
     spacing: str = "leading"
     clip_x0: float | None = None
+    variance: str = "fixed_small"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.variance not in DDPM_VARIANCES:
+            raise ValueError(
+                f"unknown DDPM variance {self.variance!r}; expected one of {list(DDPM_VARIANCES)}"
+            )
 
     def needs_noise(self, schedule: NoiseSchedule, t: int, prev_t: int | None = None) -> bool:
         return self.prev_timestep(schedule, t, prev_t) >= 0
@@ -182,10 +200,13 @@ class DDPMSampler(_RespacedSampler):
         coef_x0 = math.sqrt(abar_prev) * beta / (1.0 - abar_t)
         coef_xt = math.sqrt(1.0 - beta) * (1.0 - abar_prev) / (1.0 - abar_t)
         mean = coef_x0 * x0 + coef_xt * x_t
-        # 3. Posterior variance; exactly 0 on the last step, where abar_prev = 1.
-        variance = (1.0 - abar_prev) / (1.0 - abar_t) * beta
-        if abar_prev < 1.0:
-            variance = max(variance, _MIN_VARIANCE)
+        # 3. beta~_t' (posterior) or beta_t'; exactly 0 on the last step, where abar_prev = 1.
+        if abar_prev >= 1.0:
+            variance = 0.0
+        elif self.variance == "fixed_large":
+            variance = beta
+        else:
+            variance = max((1.0 - abar_prev) / (1.0 - abar_t) * beta, _MIN_VARIANCE)
         return {"mean": mean, "variance": variance, "pred_x0": x0}
 
     def step(

@@ -301,6 +301,41 @@ def test_ddpm_step_matches_diffusers_float32() -> None:
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("num_steps", "spacing"), [(1000, "leading"), (50, "leading"), (9, "linspace"), (8, "trailing")]
+)
+def test_ddpm_fixed_large_variance_is_beta_and_matches_diffusers(num_steps: int, spacing: str) -> None:
+    """variance="fixed_large": sigma^2 = beta_t' = 1 - abar_t / abar_prev on every step but the last (Ho et al.
+    2020, Sec. 3.2), diffusers' DDPMScheduler(variance_type="fixed_large") wherever diffusers adds noise (t > 0
+    and a next timestep on the chain); the mean is the posterior mean of fixed_small's step."""
+    schedule = NoiseSchedule("scaled_linear", T)
+    ref = _diffusers(DDPMScheduler, schedule, variance_type="fixed_large", timestep_spacing=spacing)
+    ref.set_timesteps(num_steps)
+    large = DDPMSampler(num_steps=num_steps, spacing=spacing, variance="fixed_large")
+    small = DDPMSampler(num_steps=num_steps, spacing=spacing)
+    chain = large.timesteps(schedule)
+    assert chain.tolist() == ref.timesteps.tolist()
+    abar = schedule.alphas_cumprod.double()
+    xt, eps = _randn(*SHAPE, seed=16), _randn(*SHAPE, seed=17)
+    for t in _chain_points(ref.timesteps):
+        prev = large.prev_timestep(schedule, t)
+        noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
+        got, mean_small = large.step(schedule, eps, t, xt, noise), small.step(schedule, eps, t, xt, noise)
+        torch.testing.assert_close(got["mean"], mean_small["mean"], rtol=0, atol=0)
+        if prev < 0:  # the last step: no noise (diffusers adds beta_t' noise there when t > 0)
+            assert got["variance"] == 0.0 and torch.equal(got["prev_sample"], got["mean"])
+            continue
+        assert got["variance"] == pytest.approx(float(1 - abar[t] / abar[prev]), rel=1e-12)
+        assert got["variance"] > mean_small["variance"]
+        expected = ref.step(eps, t, xt, generator=torch.Generator().manual_seed(t)).prev_sample
+        torch.testing.assert_close(got["prev_sample"], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_ddpm_rejects_an_unknown_variance() -> None:
+    with pytest.raises(ValueError, match=r"'learned_range'.*fixed_small.*fixed_large"):
+        DDPMSampler(num_steps=10, variance="learned_range")
+
+
 def test_ddpm_full_chain_step_is_the_posterior() -> None:
     schedule = NoiseSchedule("cosine", T)
     xt, eps = _randn(*SHAPE, seed=14), _randn(*SHAPE, seed=15)
