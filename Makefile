@@ -7,6 +7,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 EXPERIMENT ?= fashion_mnist_quick
 ARGS ?=
+# pytest-xdist workers for `make test`: one per core of the 2-core machines (each test process uses one
+# torch thread, tests/conftest.py, which also groups the tests that share a fixture or the Slurm cluster
+# onto one worker). TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: run test test-all setup system-deps lint bench clean
 
@@ -31,13 +36,13 @@ test: setup
 	$(VENV)/bin/lint-imports
 	bash scripts/system_deps.sh test
 	bash slurm/local_cluster.sh start || $(SLURM_UNAVAILABLE)
-	$(PY) -m pytest $(ARGS); rc=$$?; bash slurm/local_cluster.sh stop; exit $$rc
+	$(PYTEST) $(ARGS); rc=$$?; bash slurm/local_cluster.sh stop; exit $$rc
 
 test-all: setup
 	$(VENV)/bin/lint-imports
 	bash scripts/system_deps.sh test
 	bash slurm/local_cluster.sh start || $(SLURM_UNAVAILABLE)
-	$(PY) -m pytest -m "" $(ARGS); rc=$$?; bash slurm/local_cluster.sh stop; exit $$rc
+	$(PYTEST) -m "" $(ARGS); rc=$$?; bash slurm/local_cluster.sh stop; exit $$rc
 
 lint: setup
 	$(VENV)/bin/ruff check .

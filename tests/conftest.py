@@ -58,5 +58,37 @@ def run_cli(module: str, *overrides: str, timeout: int = 600, check: bool = True
     return proc
 
 
+# The diffusion stage at test size, for CLI runs that do not test its size: the U-Net of tiny_checkpoints
+# (model_channels 16) and sample grids of 2 classes x 2 images in 2 DDIM steps. With the default U-Net and
+# grids (10 x 8 images, 25 steps, at two scales) the end-of-training grids were ~40% of a debug=fdr run.
+SMALL_DIFFUSION = ("model.unet.model_channels=16", "model.unet.channel_mult=[1,2]", "model.unet.num_res_blocks=1",
+                   "model.unet.attention_resolutions=[2]", "model.unet.num_head_channels=16",
+                   "callbacks.sample_grids.per_row=2", "callbacks.sample_grids.max_rows=2",
+                   "stage.module.sampler.num_steps=2")  # fmt: skip
+
+
 def tiny_overrides(data_root: Path, runs: Path, *extra: str) -> list[str]:
     return [f"paths.data_dir={data_root}", f"paths.runs_dir={runs}", "logger=csv", *extra]
+
+
+def _shares_a_fixture(item: pytest.Item) -> bool:
+    """Whether the test uses a fixture built once for several tests (module, class or package scope)."""
+    fixture_info = getattr(item, "_fixtureinfo", None)
+    defs = fixture_info.name2fixturedefs.values() if fixture_info is not None else ()
+    return any(d.scope in ("package", "module", "class") for chain in defs for d in chain)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Groups for pytest-xdist's `--dist loadgroup` (`make test` runs two workers): every Slurm test on one
+    worker (they share the one local cluster, which a module fixture may start and stop), and the tests of a
+    module that share a module- or class-scoped fixture (often a training run through the CLI) on one
+    worker, so that the fixture is built once rather than once per worker. Other tests go wherever a
+    worker is free. Without xdist the marks do nothing. (tryfirst: xdist reads the marks in this hook.)"""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        if item.get_closest_marker("slurm") is not None:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif _shares_a_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
