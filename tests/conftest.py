@@ -11,9 +11,9 @@ import pytest
 
 # One torch thread per test process, set before anything imports torch (a value already in the environment
 # wins). The suite runs as two pytest-xdist workers on two cores (`make test`), and the tests' tiny nets spend
-# longer in OpenMP hand-offs between threads than in arithmetic: with two threads on a loaded 2-core machine
-# a tiny U-Net's conv2d took 16 ms a call against under 1 ms with one (tests/unit/test_sweep.py's
-# batch-independence test: 68 s against 5 s). The CLI runs below get the same setting (`cli_env`).
+# longer in OpenMP hand-offs between threads than in arithmetic: on the 2-core machine shared with other
+# jobs, tests/unit/test_sweep.py's batch-independence test took 68 s with two threads (a tiny U-Net's conv2d
+# 16 ms a call) and 5.5 s with one. The CLI runs below get the same setting (`cli_env`).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
