@@ -8,10 +8,11 @@ STAMP := $(VENV)/.installed-stamp
 EXPERIMENT ?= fashion_mnist_quick
 ARGS ?=
 # pytest-xdist workers for `make test`: one per core of the 2-core machines (each test process uses one
-# torch thread, tests/conftest.py, which also groups the tests that share a fixture or the Slurm cluster
-# onto one worker). TEST_WORKERS=0 runs the suite in one process.
+# torch thread, tests/conftest.py). --dist loadfile: a file's tests run on one worker, so a module fixture
+# (often a training run through the CLI) is built once, and the local-cluster tests stay together.
+# (loadgroup would be finer, but xdist 3.8 cannot group under pytest 9.) TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: run test test-all setup system-deps lint bench clean
 

@@ -69,26 +69,3 @@ SMALL_DIFFUSION = ("model.unet.model_channels=16", "model.unet.channel_mult=[1,2
 
 def tiny_overrides(data_root: Path, runs: Path, *extra: str) -> list[str]:
     return [f"paths.data_dir={data_root}", f"paths.runs_dir={runs}", "logger=csv", *extra]
-
-
-def _shares_a_fixture(item: pytest.Item) -> bool:
-    """Whether the test uses a fixture built once for several tests (module, class or package scope)."""
-    fixture_info = getattr(item, "_fixtureinfo", None)
-    defs = fixture_info.name2fixturedefs.values() if fixture_info is not None else ()
-    return any(d.scope in ("package", "module", "class") for chain in defs for d in chain)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Groups for pytest-xdist's `--dist loadgroup` (`make test` runs two workers): every Slurm test on one
-    worker (they share the one local cluster, which a module fixture may start and stop), and the tests of a
-    module that share a module- or class-scoped fixture (often a training run through the CLI) on one
-    worker, so that the fixture is built once rather than once per worker. Other tests go wherever a
-    worker is free. Without xdist the marks do nothing. (tryfirst: xdist reads the marks in this hook.)"""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        if item.get_closest_marker("slurm") is not None:
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-        elif _shares_a_fixture(item):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
