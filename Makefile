@@ -7,6 +7,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 EXPERIMENT ?= fashion_mnist_quick
 ARGS ?=
+# pytest-xdist workers for `make test`: one per core of the 2-core machines (each test process uses one
+# torch thread, tests/conftest.py). --dist loadfile: a file's tests run on one worker, so a module fixture
+# (often a training run through the CLI) is built once, and the local-cluster tests stay together.
+# (loadgroup would be finer, but xdist 3.8 cannot group under pytest 9.) TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: run test test-all setup system-deps lint bench gpu-check clean
 
@@ -31,13 +37,13 @@ test: setup
 	$(VENV)/bin/lint-imports
 	bash scripts/system_deps.sh test
 	bash slurm/local_cluster.sh start || $(SLURM_UNAVAILABLE)
-	$(PY) -m pytest $(ARGS); rc=$$?; bash slurm/local_cluster.sh stop; exit $$rc
+	$(PYTEST) $(ARGS); rc=$$?; bash slurm/local_cluster.sh stop; exit $$rc
 
 test-all: setup
 	$(VENV)/bin/lint-imports
 	bash scripts/system_deps.sh test
 	bash slurm/local_cluster.sh start || $(SLURM_UNAVAILABLE)
-	$(PY) -m pytest -m "" $(ARGS); rc=$$?; bash slurm/local_cluster.sh stop; exit $$rc
+	$(PYTEST) -m "" $(ARGS); rc=$$?; bash slurm/local_cluster.sh stop; exit $$rc
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -9,6 +9,13 @@ from pathlib import Path
 
 import pytest
 
+# One torch thread per test process, set before anything imports torch (a value already in the environment
+# wins). The suite runs as two pytest-xdist workers on two cores (`make test`), and the tests' tiny nets spend
+# longer in OpenMP hand-offs between threads than in arithmetic: on the 2-core machine shared with other
+# jobs, tests/unit/test_sweep.py's batch-independence test took 68 s with two threads (a tiny U-Net's conv2d
+# 16 ms a call) and 5.5 s with one. The CLI runs below get the same setting (`cli_env`).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 sys.path.insert(0, str(REPO))
@@ -49,6 +56,15 @@ def run_cli(module: str, *overrides: str, timeout: int = 600, check: bool = True
         raise AssertionError(f"{module} {' '.join(overrides)} exited {proc.returncode}:\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")  # fmt: skip
     return proc
+
+
+# The diffusion stage at test size, for CLI runs that do not test its size: the U-Net of tiny_checkpoints
+# (model_channels 16) and sample grids of 2 classes x 2 images in 2 DDIM steps. With the default U-Net and
+# grids (10 x 8 images, 25 steps, at two scales) the end-of-training grids were ~40% of a debug=fdr run.
+SMALL_DIFFUSION = ("model.unet.model_channels=16", "model.unet.channel_mult=[1,2]", "model.unet.num_res_blocks=1",
+                   "model.unet.attention_resolutions=[2]", "model.unet.num_head_channels=16",
+                   "callbacks.sample_grids.per_row=2", "callbacks.sample_grids.max_rows=2",
+                   "stage.module.sampler.num_steps=2")  # fmt: skip
 
 
 def tiny_overrides(data_root: Path, runs: Path, *extra: str) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli, tiny_overrides
+from tests.conftest import SMALL_DIFFUSION, run_cli, tiny_overrides
 from tests.faults.injection import output, train_with_fault, write_upstream
 
 STAGE = "default/fashion_mnist/feature_net_eval"
@@ -107,8 +107,9 @@ def test_disk_full_during_a_save_says_so_and_keeps_the_previous_checkpoint(tiny_
 @pytest.mark.parametrize("stage", ["diffusion", "classifier"])
 def test_a_checkpoint_at_step_n_holds_n_ema_updates(stage, tiny_data, tmp_path):
     write_upstream(stage, tmp_path / "default" / "fashion_mnist")
+    small = SMALL_DIFFUSION if stage == "diffusion" else ()
     run_cli("pipeline.train", f"stage={stage}", "debug=limit", "trainer.max_steps=4", "stage.checkpoint_every_n_steps=2",
-            "stage.test=false", *tiny_overrides(tiny_data, tmp_path))  # fmt: skip
+            "stage.test=false", *small, *tiny_overrides(tiny_data, tmp_path))  # fmt: skip
     ckpts = tmp_path / "default" / "fashion_mnist" / stage / "checkpoints"
     for name in ("last.ckpt", "prev.ckpt"):
         ckpt = torch.load(ckpts / name, map_location="cpu", weights_only=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_overrides
+from tests.conftest import SMALL_DIFFUSION, tiny_overrides
 from tests.faults.injection import output, train_with_fault, write_upstream
 
 NETS = {"diffusion": ("lightning_modules.nets.unet:UNet", "diffusion_loss"),
@@ -26,7 +26,8 @@ def run_with_nan(stage: str, data: Path, runs: Path, *extra: str):
     """debug=limit (6 steps, last.ckpt every 2); the 4th training batch (global step 3) gets a NaN loss."""
     write_upstream(stage, runs / "default" / "fashion_mnist")
     net, _ = NETS[stage]
-    return train_with_fault(f"stage={stage}", "debug=limit", *extra, *tiny_overrides(data, runs),
+    small = SMALL_DIFFUSION if stage == "diffusion" else ()
+    return train_with_fault(f"stage={stage}", "debug=limit", *small, *extra, *tiny_overrides(data, runs),
                             FAULT_NAN_FORWARD=net, FAULT_NAN_CALL="4")  # fmt: skip
 
 

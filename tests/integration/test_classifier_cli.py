@@ -1,6 +1,7 @@
-"""Stage classifier through the real CLI, on top of real (fast_dev_run) upstream stages:
-feature_net (perceptual, eval) -> autoencoder -> diffusion -> classifier; then the artefact loader, its
-refusals, DDP on CPU, and the classifier-guidance benchmark script."""
+"""Stage classifier through the real CLI, on top of tiny upstream checkpoints written by the stages' own
+writers (`tests/tiny_checkpoints.py`); then the artefact loader, its refusals, DDP on CPU, and the
+classifier-guidance benchmark script. The classifier on upstream stages trained through the CLI is
+tests/integration/test_pipeline_e2e.py's chain."""
 
 from __future__ import annotations
 
@@ -17,25 +18,14 @@ from lightning_modules.artifacts import StageMismatchError, load_classifier, loa
 from tests.conftest import REPO, cli_env, run_cli, tiny_overrides
 from tests.tiny_checkpoints import write_autoencoder, write_upstream_run
 
-UPSTREAM_STAGES = [
-    ("stage=feature_net", "stage.role=perceptual"),
-    ("stage=feature_net", "stage.role=eval"),
-    ("stage=autoencoder",),
-    ("stage=diffusion",),
-]
-
 
 @pytest.fixture(scope="module")
 def run(tiny_data, tmp_path_factory) -> dict:
-    """A run directory whose upstream stages are done; the real CLI chain when those stages exist, else
-    tiny checkpoints written per the artefact contract."""
+    """A run directory whose upstream stages (autoencoder, diffusion, eval feature net) are done: tiny
+    random-weight checkpoints, not four more CLI trainings (test_pipeline_e2e trains the real chain)."""
     runs = tmp_path_factory.mktemp("runs")
     run_dir = runs / "default" / "fashion_mnist"
-    if all((REPO / "conf" / "stage" / f"{s}.yaml").exists() for s in ("autoencoder", "diffusion")):
-        for stage in UPSTREAM_STAGES:
-            run_cli("pipeline.train", *stage, "debug=fdr", *tiny_overrides(tiny_data, runs))
-    else:
-        write_upstream_run(run_dir)
+    write_upstream_run(run_dir)
     return {
         "data": tiny_data,
         "runs": runs,

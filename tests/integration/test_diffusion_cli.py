@@ -1,6 +1,7 @@
 """Stage diffusion through the real CLI: fast_dev_run with class and text conditioning, 2-process DDP on
-CPU, and a resume that restores the EMA weights exactly. The upstream stages (perceptual feature net,
-autoencoder) are made first, also through the CLI."""
+CPU, and a resume that restores the EMA weights exactly. The upstream autoencoder is a tiny random-weight
+checkpoint written by the stage's own writer (`tests/tiny_checkpoints.py`); the diffusion stage on an
+autoencoder trained through the CLI is tests/integration/test_pipeline_e2e.py's chain."""
 
 from __future__ import annotations
 
@@ -15,19 +16,18 @@ from lightning_modules.artifacts import load_diffusion
 from lightning_modules.codec import LatentCodec
 from lightning_modules.diffusion import DDIMSampler
 from lightning_modules.generation import GuidanceSetting, generate
-from tests.conftest import run_cli, tiny_overrides
+from tests.conftest import SMALL_DIFFUSION, run_cli, tiny_overrides
+from tests.tiny_checkpoints import write_autoencoder
 
 RUN = Path("default") / "fashion_mnist"
-SMALL_GRIDS = ("callbacks.sample_grids.per_row=2", "callbacks.sample_grids.max_rows=3")
+SMALL_GRIDS = (*SMALL_DIFFUSION, "callbacks.sample_grids.max_rows=3")
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory) -> Path:
-    """A runs dir holding the perceptual feature net and the autoencoder the diffusion stage needs."""
+    """A runs dir holding the autoencoder the diffusion stage needs (tiny, random weights)."""
     runs = tmp_path_factory.mktemp("runs")
-    run_cli("pipeline.train", "stage=feature_net", "stage.role=perceptual", "debug=fdr", *tiny_overrides(tiny_data, runs))
-    run_cli("pipeline.train", "stage=autoencoder", "debug=fdr", *tiny_overrides(tiny_data, runs))
-    assert (runs / RUN / "autoencoder" / "checkpoints" / "final.ckpt").exists()
+    write_autoencoder(runs / RUN / "autoencoder" / "checkpoints" / "final.ckpt")
     return runs
 
 

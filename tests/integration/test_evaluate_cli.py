@@ -134,9 +134,10 @@ def test_two_ranks_split_the_samples_and_match_one_process(tiny_data, runs, cfg_
         assert proc.returncode == 0, stderr[-4000:]
     assert "cfg_s3: sampled" in outputs[0][0] and "report:" not in outputs[0][0]  # rank 1 only samples
     # The single-process sweep (batch 20) drew the same samples: the noise of sample i comes from its own
-    # seed whatever the batch, but float rounding of the U-Net and decoder depends on the batch a sample is
-    # computed in and on the CPU's kernels (AVX2 and AVX512 differ), so a decoded pixel may land one uint8
-    # level away. What holds on every CPU: no pixel off by more than one level, and at most 0.1% of them.
+    # seed whatever the batch (bit for bit: tests/unit/test_sweep.py's batch-independence test records every
+    # draw), but float rounding of the U-Net and decoder depends on the batch a sample is computed in and on
+    # the CPU's kernels (AVX2 and AVX512 differ), so a decoded pixel may land one uint8 level away. What
+    # holds on every CPU: no pixel off by more than one level, and at most 0.1% of them.
     two, one = (
         np.load(eval_dir(runs, name) / "cfg_s3" / "samples.npz")["arr_0"].astype(int)
         for name in ("two_ranks", "cfg")

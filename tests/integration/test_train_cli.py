@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO, cli_env, run_cli, tiny_overrides
+from tests.conftest import REPO, SMALL_DIFFUSION, cli_env, run_cli, tiny_overrides
 
 STAGE_DIR = "default/fashion_mnist/feature_net_eval"
 
@@ -82,7 +82,7 @@ def test_fdr_stages_run_without_their_upstream_stages(tiny_data, tmp_path):
     from lightning_modules.artifacts import load_autoencoder, load_diffusion
 
     run = tmp_path / "default" / "fashion_mnist"
-    out = run_cli("pipeline.train", "stage=diffusion", "debug=fdr", *tiny_overrides(tiny_data, tmp_path))
+    out = run_cli("pipeline.train", "stage=diffusion", "debug=fdr", *SMALL_DIFFUSION, *tiny_overrides(tiny_data, tmp_path))
     placeholder = run / "diffusion" / "fdr_placeholders" / "autoencoder" / "checkpoints" / "final.ckpt"
     assert f"debug=fdr: upstream autoencoder has no {run / 'autoencoder' / 'checkpoints' / 'final.ckpt'}" in out.stdout
     assert f"randomly initialised autoencoder built from its config instead: {placeholder}" in out.stdout
