@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -88,6 +89,16 @@ def main(cfg: DictConfig) -> None:
         train(cfg)
     except ConfigError as e:  # the user's mistake, said without a traceback; nothing was touched
         raise SystemExit(f"[train] {e}") from None
+    finally:
+        finish_wandb()
+
+
+def finish_wandb() -> None:
+    """Close a W&B run this process opened, now rather than in W&B's atexit hook (as lightning-hydra-template
+    does): the offline `.wandb` file is complete when the command returns, also on a loaded machine."""
+    wandb = sys.modules.get("wandb")  # never imported here when logger != wandb
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 if __name__ == "__main__":
