@@ -20,13 +20,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.shard_scan import scan_shards
 from datamodules.shards import (
     DatasetPlan,
     existing_manifest,
     plan_dataset,
     prepare_dataset,
     recorded_shards,
-    scan_shards,
     shard_range,
     verify_shards,
     write_manifest,

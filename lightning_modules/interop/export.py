@@ -22,14 +22,12 @@ from typing import Any
 from core.io import check_publishable, publish_directory
 from lightning_modules.artifacts import DiffusionBundle, StageMismatchError, load_diffusion, safe_load
 from lightning_modules.interop.convert import (
-    SCHEDULERS,
     UnsupportedByDiffusers,
     autoencoder_config,
     autoencoder_to_diffusers,
-    scheduler_config,
-    unet_config,
-    unet_to_diffusers,
 )
+from lightning_modules.interop.convert_unet import unet_config, unet_to_diffusers
+from lightning_modules.interop.schedulers import SCHEDULERS, scheduler_config
 from lightning_modules.nets.conditioners import ClassConditioner, TextConditioner
 
 __all__ = ["WEIGHTS", "build_pipeline", "export_diffusers", "require_diffusers"]

@@ -19,9 +19,8 @@ from lightning_modules.interop.convert import (
     UnsupportedByDiffusers,
     autoencoder_from_diffusers,
     autoencoder_hparams_from_config,
-    unet_from_diffusers,
-    unet_hparams_from_config,
 )
+from lightning_modules.interop.convert_unet import unet_from_diffusers, unet_hparams_from_config
 from lightning_modules.nets.autoencoder import AutoencoderKL
 from lightning_modules.nets.unet import UNet
 

@@ -13,12 +13,8 @@ import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import UNet2DConditionModel
 
-from lightning_modules.interop.convert import (
-    autoencoder_config,
-    autoencoder_from_diffusers,
-    unet_config,
-    unet_from_diffusers,
-)
+from lightning_modules.interop.convert import autoencoder_config, autoencoder_from_diffusers
+from lightning_modules.interop.convert_unet import unet_config, unet_from_diffusers
 from lightning_modules.nets.autoencoder import AutoencoderKL
 from lightning_modules.nets.unet import UNet
 from tests.conftest import run_cli, tiny_overrides

@@ -18,13 +18,15 @@ from lightning_modules.interop.convert import (
     autoencoder_from_diffusers,
     autoencoder_hparams_from_config,
     autoencoder_to_diffusers,
-    scheduler_config,
+)
+from lightning_modules.interop.convert_unet import (
     unet_config,
     unet_from_diffusers,
     unet_hparams_from_config,
     unet_to_diffusers,
 )
 from lightning_modules.interop.pretrained import init_autoencoder_from_diffusers, init_unet_from_diffusers
+from lightning_modules.interop.schedulers import scheduler_config
 from lightning_modules.nets.autoencoder import AutoencoderKL
 from lightning_modules.nets.unet import UNet
 
