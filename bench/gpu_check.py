@@ -78,6 +78,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from core.io import atomic_write_json  # noqa: E402
+from core.machine import cpu_description  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' data sheets, by a substring of
 # torch.cuda.get_device_name (first match wins, so the more specific names come first).
@@ -655,19 +656,10 @@ def env_part(device: torch.device, args) -> dict:
                     memory_gib=props.total_memory / 2**30, multiprocessors=props.multi_processor_count,
                     bf16_supported=torch.cuda.is_bf16_supported())  # fmt: skip
     else:
-        info["device_name"] = cpu_model()
+        info["device_name"] = cpu_description()
         info["threads"] = torch.get_num_threads()
     info["peak_tflops"], info["peak_source"] = device_peak_tflops(device, args.peak_tflops)
     return info
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                flags = Path("/proc/cpuinfo").read_text()
-                return line.split(":", 1)[1].strip() + (" (avx512_bf16)" if "avx512_bf16" in flags else "")
-    return platform.processor() or platform.machine()
 
 
 def fmt(v, spec: str) -> str:

@@ -33,17 +33,9 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown CPU"
-    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = set(info.get("Flags", "").split())
-    simd = [f for f in ("sse4_2", "avx", "avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{info.get('Model name', '?').strip()} ({info.get('CPU(s)', '?').strip()} CPUs; {' '.join(simd)})"
+from core.machine import cpu_description  # noqa: E402
 
 
 def make_folder(root: Path, n: int, px: int) -> None:
@@ -135,7 +127,7 @@ def main() -> None:
     if args._one:
         run_one(args._one[0], args._one[1], args._w, args.shard_size, args.image)
         return
-    print(f"CPU: {cpu_name()}")
+    print(f"CPU: {cpu_description()}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
         for n in args.sizes:

@@ -19,7 +19,6 @@ different n is a different starting time; its error against the trailing referen
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.machine import cpu_description  # noqa: E402
 from lightning_modules.artifacts import load_diffusion  # noqa: E402
 from lightning_modules.diffusion import DDIMSampler, DPMSolverPP2MSampler, make_timesteps  # noqa: E402
 from lightning_modules.generation import GuidanceSetting, generate  # noqa: E402
@@ -38,17 +38,6 @@ class _Latents:
 
     def decode_uint8(self, z: torch.Tensor) -> torch.Tensor:
         return z
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                flags = Path("/proc/cpuinfo").read_text()
-                return line.split(":", 1)[1].strip() + (", avx512_bf16" if "avx512_bf16" in flags else "")
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 @torch.no_grad()
@@ -77,7 +66,7 @@ def main() -> None:
         return z.double(), time.perf_counter() - t0
 
     print(
-        f"# {len(labels)} samples, CFG s = {args.scale:g}, {_cpu_name()}, {torch.get_num_threads()} threads"
+        f"# {len(labels)} samples, CFG s = {args.scale:g}, {cpu_description()}, {torch.get_num_threads()} threads"
     )
     ref, took = run(DPMSolverPP2MSampler(num_steps=args.reference_steps, spacing="trailing"))
     ref_rms = float(ref.pow(2).mean().sqrt())

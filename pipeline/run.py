@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,7 +25,7 @@ from core.secrets import scrub_argv, scrub_text
 from pipeline.builders import stage_hash, upstream_dirs
 from pipeline.common import read_done
 
-RUN_ONLY_KEYS = ("stages", "launcher", "pipeline", "hydra")
+RUN_ONLY_KEYS = ("stages", "launcher", "pipeline", "hydra", "time_budget")
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -153,10 +154,38 @@ def check_sweeps(steps: list[Step]) -> None:
             sweep_size(step)
 
 
+def apply_time_budget(cfg: DictConfig, steps: list[Step], argv: list[str]) -> dict | None:
+    """`time_budget.minutes`: measure (or reuse) the step scale and pass `step_scale=<s>` to every training
+    step (pipeline/time_budget.py). Not when the command line sets step_scale itself, nor under Slurm (the
+    probe would time the login node), nor when the stages train on an accelerator other than the CPU."""
+    from pipeline.time_budget import decide, describe
+
+    train = [s for s in steps if s.root == "train"]
+    if not train or cfg.get("time_budget", {}).get("minutes") is None:
+        return None
+    if any(o.lstrip("+~").split("=", 1)[0] == "step_scale" for o in argv):
+        print("[run] time budget: step_scale set on the command line, no probe", flush=True)
+        return None
+    if cfg.launcher.name != "local":
+        print(f"[run] time budget: not applied with launcher={cfg.launcher.name} (the probe would time this "
+              "node, not the compute nodes); pass step_scale=<s> to scale the steps", flush=True)  # fmt: skip
+        return None
+    trainer = compose(config_name=train[0].root, overrides=train[0].argv).trainer
+    if str(trainer.accelerator) not in ("cpu", "auto") or torch.cuda.is_available():
+        print(f"[run] time budget: for CPU runs; trainer.accelerator={trainer.accelerator}, not applied", flush=True)
+        return None
+    record = decide(cfg, str(trainer.precision))
+    print(describe(record), flush=True)
+    for step in train:
+        step.overrides.append(f"step_scale={record['step_scale']:g}")
+    return record
+
+
 def run(cfg: DictConfig, argv: list[str]) -> None:
     steps = plan(cfg, argv)
     check_sweeps(steps)
     print(f"[run] {cfg.experiment_name}/{cfg.run_name} -> {cfg.paths.run_dir}: {[s.name for s in steps]}", flush=True)
+    budget = apply_time_budget(cfg, steps, argv)
     if cfg.launcher.name == "slurm":
         from pipeline.slurm_chain import submit_chain
 
@@ -168,6 +197,9 @@ def run(cfg: DictConfig, argv: list[str]) -> None:
     for name, state, took in summary:
         print(f"[run] {name:<24} {state:<9} {took:7.0f}")
     print(f"[run] total {time.time() - t0:.0f}s; outputs in {cfg.paths.run_dir}")
+    if budget:
+        print(f"[run] time budget {budget['minutes']:g} min, predicted {budget['predicted_minutes']:.1f} min at "
+              f"step_scale={budget['step_scale']:g}; this run took {(time.time() - t0) / 60:.1f} min", flush=True)
     for report in sorted(Path(cfg.paths.run_dir, "eval").glob("*/report.md")):
         results = report.parent / "results.csv"
         if results.exists():

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_modules.nets.attention import dot_product_attention
+
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 MAX_NORM_GROUPS = 32
 
@@ -77,8 +79,8 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention with a residual, (B, C, H, W) -> (B, C, H, W).
 
-    Uses `scaled_dot_product_attention`, whose fused kernels keep the softmax in float32 under
-    fp16/bf16 autocast (LDM's explicit bmm/softmax overflows in fp16).
+    Uses `dot_product_attention` (SDPA, or explicit products with a float32 softmax at small sizes on CPU):
+    the softmax stays in float32 under fp16/bf16 autocast (LDM's explicit bmm/softmax overflows in fp16).
     """
 
     def __init__(self, channels: int, norm_num_groups: int | None = None) -> None:
@@ -90,7 +92,7 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(dim=1)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C)
+        out = dot_product_attention(q, k, v)  # (B, HW, C)
         return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
 
 

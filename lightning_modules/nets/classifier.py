@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_modules.nets.attention import dot_product_attention
 from lightning_modules.nets.blocks import RebuildableModule, TimestepEmbedder, norm
 from lightning_modules.nets.unet import UNetEncoder
 
@@ -46,7 +46,7 @@ class AttentionPool2d(nn.Module):
         x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1) + self.positional_embedding.to(x.dtype)
         q, k, v = (self._split_heads(t) for t in self.qkv_proj(x).chunk(3, dim=1))
         # Only the mean token's output is kept, so only its query is computed.
-        out = F.scaled_dot_product_attention(q[:, :, :1], k, v)
+        out = dot_product_attention(q[:, :, :1], k, v)
         return self.c_proj(out.transpose(-1, -2).flatten(1, 2))[:, :, 0]
 
     def _split_heads(self, t: Tensor) -> Tensor:

@@ -47,3 +47,32 @@ def test_resolved_precision_is_in_the_stage_hash(monkeypatch):
         monkeypatch.setattr(resolvers, "cpu_has_native_bf16", lambda v=native: v)
         hashes.append(config_hash(cfg))
     assert hashes[0] != hashes[1]  # a checkpoint of one precision is never resumed in the other
+
+
+@pytest.mark.parametrize("accelerator,precision,cuda,expected", [
+    ("cpu", "32-true", False, True), ("cpu", "bf16-mixed", False, True), ("auto", "32-true", False, True),
+    ("cpu", "16-mixed", False, None),  # fp16 AMP's scaler cannot unscale inside a fused step (Lightning)
+    ("gpu", "bf16-mixed", True, None), ("auto", "bf16-mixed", True, None),
+])  # fmt: skip
+def test_fused_adam_on_cpu_only(monkeypatch, accelerator, precision, cuda, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert resolvers.fused_adam(accelerator, precision) is expected
+
+
+def test_stage_optimisers_are_fused_on_cpu_and_build():
+    """Every stage optimiser resolves `fused` and constructs with it (torch's fused Adam(W) on CPU)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    from pipeline.run import CONF
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name="t"):
+        for stage in ("feature_net", "autoencoder", "diffusion", "classifier"):
+            cfg = compose(config_name="train", overrides=[f"stage={stage}", "trainer.accelerator=cpu"])
+            for key in ("optimizer", "disc_optimizer"):
+                if key in cfg.stage.module:
+                    assert cfg.stage.module[key].fused is True, (stage, key)
+                    opt = instantiate(cfg.stage.module[key])([torch.nn.Parameter(torch.zeros(3))])
+                    assert opt.defaults["fused"] is True

@@ -384,3 +384,24 @@ def test_classifier_shape_errors_and_rebuild() -> None:
     rebuilt.load_state_dict(clf.state_dict(), strict=True)
     x, t, _ = _inputs()
     torch.testing.assert_close(rebuilt(x, t), clf(x, t))
+
+
+@pytest.mark.parametrize("lq,lk", [(16, 16), (4, 1), (64, 64), (80, 80)])  # the last one is SDPA's
+@pytest.mark.parametrize("masked", [False, True])
+def test_dot_product_attention_equals_sdpa(lq, lk, masked):
+    """`dot_product_attention`'s explicit CPU path (and SDPA beyond its size limit) equals SDPA in float64,
+    with a key mask; and in bf16 it stays within bf16 rounding of the float64 result."""
+    import torch.nn.functional as F
+
+    from lightning_modules.nets.attention import CPU_EXPLICIT_MAX_SCORES, dot_product_attention
+
+    g = torch.Generator().manual_seed(lq * 100 + lk)
+    q, k, v = (torch.randn(3, 2, n, 8, generator=g, dtype=torch.float64) for n in (lq, lk, lk))
+    mask = torch.rand(3, 1, 1, lk, generator=g) > 0.3 if masked else None
+    if mask is not None:
+        mask[..., 0] = True  # every row attends to something (CrossAttention handles empty rows itself)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(dot_product_attention(q, k, v, mask), ref, rtol=1e-12, atol=1e-12)
+    low = dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert low.dtype == torch.bfloat16 and (low.double() - ref).abs().max() < 0.05
+    assert (lq * lk <= CPU_EXPLICIT_MAX_SCORES) == (lq <= 64)

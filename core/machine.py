@@ -1,0 +1,40 @@
+"""What machine a figure was measured on: the CPU's model name, its logical CPUs and the SIMD flags that
+decide which kernels run (AVX2 vs AVX512, native bf16 via AVX512-BF16 or AMX). One description for every
+bench script, time-budget record and report that names its machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def cpu_info(cpuinfo: str | None = None) -> dict:
+    """{"model": str, "logical_cpus": int, "simd": [flags of SIMD_FLAGS present]} from /proc/cpuinfo (or the
+    given text); on systems without it, the platform's processor name and no flags."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    model, flags = "", set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model:
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    return {
+        "model": model or platform.processor() or platform.machine() or "unknown CPU",
+        "logical_cpus": os.cpu_count() or 1,
+        "simd": [f for f in SIMD_FLAGS if f in flags],
+    }
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """One line, e.g. "AMD EPYC (2 CPUs; sse4_2 avx avx2 fma avx512f avx512_bf16)"."""
+    info = cpu_info(cpuinfo)
+    return f"{info['model']} ({info['logical_cpus']} CPUs; {' '.join(info['simd']) or 'no SIMD flags read'})"
