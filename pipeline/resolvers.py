@@ -3,7 +3,7 @@
 `${auto_precision:<accelerator>}`: "bf16-mixed" where the accelerator computes bf16 natively, else "32-true".
   - CUDA: `torch.cuda.is_bf16_supported()` (Ampere and newer).
   - x86 CPU: AVX512-BF16 or AMX (oneDNN then runs bf16 convolutions natively; without them it emulates bf16
-    and is slower than float32). Arm CPU: oneDNN's own check (`_is_mkldnn_bf16_supported`, the BF16 ISA).
+    and is slower than float32; so also when ONEDNN_MAX_CPU_ISA caps oneDNN below AVX512_CORE_BF16). Arm CPU: oneDNN's own check (`_is_mkldnn_bf16_supported`, the BF16 ISA).
   The value is resolved before the stage's config hash is taken, so a stage trained in one precision is never
   resumed in the other: it trains again, as for any other config change. `trainer.precision=32-true` on the
   command line always wins.
@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -21,7 +22,16 @@ from omegaconf import OmegaConf
 BF16, FP32 = "bf16-mixed", "32-true"
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) at or above which it runs bf16 natively; a lower cap (e.g. AVX2, to
+# reproduce an AVX2-only machine's kernels: bench/cpu_steps.py) makes bf16 emulated, hence float32 here.
+ONEDNN_BF16_ISAS = {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
+                    "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "ALL"}  # fmt: skip
+
+
 def cpu_has_native_bf16() -> bool:
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if cap and cap not in ONEDNN_BF16_ISAS:
+        return False
     if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)

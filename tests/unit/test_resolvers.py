@@ -40,6 +40,17 @@ def test_x86_check_reads_the_cpu_flags(monkeypatch):
         assert resolvers.cpu_has_native_bf16() is expected
 
 
+def test_a_onednn_isa_cap_below_bf16_means_float32(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 (an AVX2-only machine's kernels on an AVX512 one) emulates bf16: float32."""
+    monkeypatch.setattr(resolvers.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    for cap, expected in [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True), ("ALL", True),
+                          ("", True)]:  # fmt: skip
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert resolvers.cpu_has_native_bf16() is expected, cap
+        assert resolvers.auto_precision("cpu") == ("bf16-mixed" if expected else "32-true")
+
+
 def test_resolved_precision_is_in_the_stage_hash(monkeypatch):
     cfg = OmegaConf.create({"trainer": {"accelerator": "cpu", "precision": "${auto_precision:${trainer.accelerator}}"}})
     hashes = []
