@@ -51,7 +51,7 @@ def scaled_steps(steps: Any, scale: Any) -> int:
     return max(1, int(round(steps * scale)))
 
 
-def probe_ms(precision: str, repeats: int = 5) -> float:
+def probe_ms(precision: str, repeats: int = 12) -> float:
     """The fastest of `repeats` training steps (forward, MSE, backward, AdamW) of the probe U-Net on CPU, in
     ms, under bf16 autocast when `precision` is "bf16-mixed" (what `auto_precision` gives the stages)."""
     from lightning_modules.nets.unet import UNet
@@ -113,7 +113,7 @@ def _reference(budget: DictConfig) -> dict:
     return ref
 
 
-def decide(cfg: DictConfig, precision: str, measure=probe_ms) -> dict | None:
+def decide(cfg: DictConfig, precision: str, measure=None) -> dict | None:
     """The step scale for this run (a record, see the module docstring), or None when no budget is set."""
     budget = cfg.get("time_budget")
     if budget is None or budget.get("minutes") is None:
@@ -124,7 +124,7 @@ def decide(cfg: DictConfig, precision: str, measure=probe_ms) -> dict | None:
     old = read_json(path, strict=False)
     if old and not budget.get("recalibrate") and all(old.get(k) == v for k, v in key.items()):
         return {**old, "reused": True}
-    ms = measure(precision)
+    ms = (measure or probe_ms)(precision)
     choice = choose_scale(key["minutes"], ms / float(ref["probe_ms"]), float(ref["fixed_minutes"]),
                           float(ref["training_minutes"]), key["min_scale"])  # fmt: skip
     record = {

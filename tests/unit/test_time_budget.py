@@ -97,16 +97,16 @@ def test_stage_step_counts_follow_step_scale(tmp_path, stage, keys, full):
 def test_pipeline_run_passes_the_scale_to_training_steps_only(tmp_path, monkeypatch):
     import pipeline.time_budget as tb
 
-    monkeypatch.setattr(tb, "probe_ms", lambda precision: 2 * 250.0)  # twice the reference's probe
     argv = ["experiment=fashion_mnist_quick", f"paths.root_dir={tmp_path}"]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name="run"):
         cfg = compose(config_name="run", overrides=accepted("run", [], argv))
         OmegaConf.resolve(cfg)
+        ref = cfg.time_budget.reference
+        monkeypatch.setattr(tb, "probe_ms", lambda precision: 1.25 * ref.probe_ms)  # 1.25x the reference's time
         steps = plan(cfg, argv)
         record = apply_time_budget(cfg, steps, argv)
-        ref = cfg.time_budget.reference
-        assert record["step_scale"] == choose_scale(20, 2.0, ref.fixed_minutes, ref.training_minutes, 0.25).scale
+        assert record["step_scale"] == choose_scale(20, 1.25, ref.fixed_minutes, ref.training_minutes, 0.25).scale
         scale = f"step_scale={record['step_scale']:g}"
         assert {s.name for s in steps if scale in s.overrides} == {
             "feature_net_perceptual", "feature_net_eval", "autoencoder", "diffusion", "classifier"}
