@@ -78,9 +78,15 @@ def test_usr1_preemption_requeues_and_resumes_same_wandb_run(cluster, tiny_data,
         time.sleep(0.5)
     assert last.exists(), "the job wrote no checkpoint"
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
-    states = slurm.wait_for(job, timeout=600)
+    logs = tmp_path / RUN / "logs"
+    try:
+        states = slurm.wait_for(job, timeout=600)
+    except TimeoutError as error:  # say where the job stands, not only that it is late
+        tails = {p.name: p.read_text()[-3000:] for p in sorted(logs.glob(f"*-{job}.*"))}
+        subprocess.run(["scancel", job], check=False)
+        raise AssertionError(f"{error}; job logs: {tails}") from error
     assert states[job] == "COMPLETED"
-    log = next((tmp_path / RUN / "logs").glob(f"feature_net_eval-{job}.out")).read_text()
+    log = next(logs.glob(f"feature_net_eval-{job}.out")).read_text()
     assert "restart 1" in log, log[-3000:]
     # all ranks stopped at one step after the checkpoint (no save inside the signal handler), rank 0 requeued,
     # and the requeued job resumed from that checkpoint

@@ -35,7 +35,10 @@ EVAL_OVERRIDES = [
     "sweep.samplers=[ddim,dpmpp_2m]", "sweep.steps=[5,10]", "sweep.spacing=trailing", "sweep.best_scale_from=cfg",
 ]  # fmt: skip
 # Top-level keys both roots have on purpose (not evaluation settings, or unhashed like tags and force).
-SHARED = {"paths", "data", "model", "logger", "experiment_name", "run_name", "seed", "tags", "force", "job"}
+# time_budget: the demo experiment's reference for pipeline.run (a run-only key, in both roots because the
+# experiment file is global); stages see only its outcome, step_scale.
+SHARED = {"paths", "data", "model", "logger", "experiment_name", "run_name", "seed", "tags", "force", "job",
+          "time_budget"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
