@@ -106,7 +106,8 @@ def test_pipeline_run_passes_the_scale_to_training_steps_only(tmp_path, monkeypa
         monkeypatch.setattr(tb, "probe_ms", lambda precision: 1.25 * ref.probe_ms)  # 1.25x the reference's time
         steps = plan(cfg, argv)
         record = apply_time_budget(cfg, steps, argv)
-        assert record["step_scale"] == choose_scale(20, 1.25, ref.fixed_minutes, ref.training_minutes, 0.25).scale
+        assert record["step_scale"] == choose_scale(20, 1.25, ref.fixed_minutes, ref.training_minutes,
+                                                    cfg.time_budget.min_scale).scale
         scale = f"step_scale={record['step_scale']:g}"
         assert {s.name for s in steps if scale in s.overrides} == {
             "feature_net_perceptual", "feature_net_eval", "autoencoder", "diffusion", "classifier"}
