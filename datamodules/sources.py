@@ -169,6 +169,18 @@ def _visible(p: Path) -> bool:
     return _visible_name(p.name)
 
 
+def _is_image(entry: os.DirEntry) -> bool:
+    """A visible image file (by extension) of an `os.scandir` listing."""
+    return (_visible_name(entry.name) and entry.is_file()
+            and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS)  # fmt: skip
+
+
+def _has_images(folder: Path) -> bool:
+    """Whether `folder` holds an image file directly (stops at the first one: no full listing)."""
+    with os.scandir(folder) as entries:
+        return any(_is_image(e) for e in entries)
+
+
 def read_captions(folder: Path) -> dict[str, str]:
     """Captions of a folder: `metadata.jsonl` lines `{"file_name": ..., "text": ...}` (the diffusers /
     Hugging Face imagefolder convention), keyed by file name relative to `folder`."""
@@ -253,19 +265,29 @@ class FileSource:
 
 
 class ImageFolder:
-    """A folder of class sub-folders of images (`root/<class>/<image>`), like torchvision's ImageFolder.
+    """A folder of images: class sub-folders (`root/<class>/<image>`, like torchvision's ImageFolder), or the
+    images themselves (`root/<image>`, a diffusers / Hugging Face image-caption folder: one class).
 
-    A `test` sub-folder with the same class layout becomes the test split when present
-    (`root/train/<class>/...` and `root/test/<class>/...`); otherwise the test split is held out.
+    Layouts:
+    - `root/<class>/<image>`: one class per sub-folder, labels in sorted folder order.
+    - `root/<image>` with `root/metadata.jsonl` or `<image>.txt` captions (a folder without class sub-folders):
+      one class, label 0, named after the folder (`root`'s name). Sub-folders, when present, are classes.
+    - Either of these under `root/train/` (the Hugging Face `imagefolder` split layout) is the train split; the
+      folder's own held-out split becomes the test split: `root/test/`, else `root/validation/`, `root/val/` or
+      `root/valid/` (the first that exists; with `test/`, a validation folder is not used), with the layout of
+      `train/`. Without one the test split is held out of train. The val split is always a seeded hold-out of
+      train (`data.val_size`), as for every source.
     Hidden folders and files (names starting with `.`, e.g. `.ipynb_checkpoints`) are ignored.
     Class folders may be ImageNet synsets (`n01440764`); `class_map` names a file of lines
     `<folder> <class name...>` (ImageNet's `LOC_synset_mapping.txt`) giving the class names.
-    Captions: a sidecar `<image stem>.txt` next to an image, or a `metadata.jsonl` in the class folder or
+    Captions: a sidecar `<image stem>.txt` next to an image, or a `metadata.jsonl` in the image's folder or
     the split root (`file_name`, `text`); images without one get a template caption from the class.
     Images are decoded by `decode_image` (the policy is stated there). With `keep_original`, a JPEG or PNG
     that needs no conversion (upright, target mode and size) is stored as its original bytes (`jpg`/`png`
     key) instead of a re-encoded PNG: no generation loss, smaller shards; the DataModule decodes both.
     """
+
+    HELD_OUT = ("test", "validation", "val", "valid")  # the folders that become the test split, by preference
 
     def __init__(self, root: str, channels: int = 3, image_size: int | None = None,
                  class_map: str | None = None, background: Sequence[int] = (255, 255, 255),
@@ -277,24 +299,28 @@ class ImageFolder:
         self.image_size = image_size
         self.background = tuple(background)
         self.keep_original = keep_original
-        base = self.root / "train" if (self.root / "train").is_dir() else self.root
-        self.folders = sorted(
-            p.name for p in base.iterdir() if p.is_dir() and _visible(p) and p.name != "test"
-        )
-        if not self.folders:
+        self.base = base = self.root / "train" if (self.root / "train").is_dir() else self.root
+        folders = sorted(p.name for p in base.iterdir() if p.is_dir() and _visible(p) and p.name != "test")
+        if not folders and not _has_images(base):
             raise ValueError(
-                f"image folder {base} has no class sub-folders (expected {base}/<class>/<image>)"
+                f"image folder {base} has neither class sub-folders nor images {IMAGE_EXTENSIONS}. Put the images "
+                f"in {base}/<class>/ (one folder per class), or directly in {base} (one class) with captions in "
+                f"{base}/metadata.jsonl (lines {{\"file_name\": ..., \"text\": ...}}) or <image>.txt sidecars"
             )
-        self.class_names = list(self.folders)
+        # "": the images lie in the split folder itself, one class named after the dataset folder
+        self.folders = folders or [""]
+        self.class_names = list(folders) or [self.root.resolve().name]
         if class_map:
             mapping = self._read_class_map(Path(class_map))
-            missing = [f for f in self.folders if f not in mapping]
+            missing = [f for f in self.class_names if f not in mapping]
             if missing:
                 raise ValueError(
                     f"class map {class_map} has no entry for class folder(s) {missing[:5]} of {base}"
                 )
-            self.class_names = [mapping[f] for f in self.folders]
-        self.has_test = (self.root / "test").is_dir() and base != self.root
+            self.class_names = [mapping[f] for f in self.class_names]
+        held_out = (self.root / n for n in self.HELD_OUT) if base != self.root else ()
+        self.test_dir = next((p for p in held_out if p.is_dir()), None)
+        self.has_test = self.test_dir is not None
         self.image_shape = (image_size, image_size, channels) if image_size else None
 
     @staticmethod
@@ -311,29 +337,29 @@ class ImageFolder:
         return out
 
     def _listing(self, base: Path) -> FileSource:
-        """The images of `base/<class>/`, sorted by name within each class folder (hidden ones left out)."""
+        """The images of `base/<class>/` (or of `base` itself, one class), sorted by name within each class
+        folder (hidden ones left out)."""
         names, labels, captions = PackedStrings(), array("q"), {}
         top = read_captions(base)
         for label, name in enumerate(self.folders):
             folder = base / name
             if not folder.is_dir():
                 continue
-            local = read_captions(folder)
+            local = read_captions(folder) if name else top
             with os.scandir(folder) as entries:
-                files = sorted(e.name for e in entries if _visible_name(e.name) and e.is_file()
-                               and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)  # fmt: skip
+                files = sorted(e.name for e in entries if _is_image(e))
             for file in files:
-                caption = local.get(file, top.get(f"{name}/{file}"))
+                rel = f"{name}/{file}" if name else file
+                caption = local.get(file, top.get(rel))
                 if caption is not None:
                     captions[len(names)] = caption
-                names.append(f"{name}/{file}")
+                names.append(rel)
                 labels.append(label)
         return FileSource(base, names, np.array(labels, dtype=np.int64), captions, self.channels, self.image_size,
                           self.background, self.keep_original)  # fmt: skip
 
     def load(self, split: str) -> FileSource:
-        base = self.root / "train" if split == "train" and self.has_test else self.root
-        base = self.root / "test" if split == "test" and self.has_test else base
+        base = self.test_dir if split == "test" and self.test_dir is not None else self.base
         source = self._listing(base)
         if not len(source):
             raise ValueError(f"no images found under {base} (extensions {IMAGE_EXTENSIONS})")

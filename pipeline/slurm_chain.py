@@ -110,7 +110,7 @@ PREPARE_PART_KEYS = ("shard_task", "shard_tasks", "manifest_only")
 def prepare_tasks(cfg: DictConfig, launcher: DictConfig) -> int:
     """The number of array tasks for the prepare of config `cfg`: min(`launcher.prepare_tasks`, shards), or
     0 for one plain job (a finished manifest of this config to verify, existing shards to scan, a single
-    task). Plans the shards, so a bad source (a missing folder, no class folders) or a manifest of another
+    task). Plans the shards, so a bad source (a missing folder, one with no images) or a manifest of another
     config fails here, before any sbatch."""
     from datamodules.shards import existing_manifest
     from pipeline.prepare import dataset_plan, is_scan, prepare_config

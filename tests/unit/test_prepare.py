@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 
 import numpy as np
@@ -108,6 +109,75 @@ def test_imagefolder_source(tmp_path):
     assert m["class_names"] == ["cat", "dog"]
     assert {k: v["num_samples"] for k, v in m["splits"].items()} == {"train": 8, "val": 2, "test": 2}
     assert m["image_shape"] == [16, 16, 3]
+
+
+def write_images(folder, n, captions=None, size=(12, 10)):
+    """`n` random PNGs `00.png`, ... in `folder`, with a `metadata.jsonl` of `captions.format(i)` when given."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    if captions:
+        rows = [json.dumps({"file_name": f"{i:02d}.png", "text": captions.format(i)}) for i in range(n)]
+        (folder / "metadata.jsonl").write_text("\n".join(rows))
+
+
+def shard_captions(out, manifest):
+    """{split: sorted captions of its shards}."""
+    return {split: sorted(s["txt"].decode() for sh in v["shards"] for s in read_tar(out / sh["name"]).values())
+            for split, v in manifest["splits"].items()}  # fmt: skip
+
+
+def test_hf_split_layout_maps_train_and_validation(tmp_path):
+    """`root/train/` (+ metadata.jsonl) is train with val held out of it; `validation/` is the test split unless
+    `test/` exists; a folder without class folders is one class named after the dataset folder."""
+    root = tmp_path / "hf"
+    write_images(root / "train", 10, "train caption {}")
+    write_images(root / "validation", 3, "validation caption {}")
+    src = ImageFolder(str(root), channels=3, image_size=8)
+    assert src.class_names == ["hf"] and src.has_test
+    kw = dict(config={}, val_size=2, test_size=5, shard_size=4, min_eval_shards=1, progress=False)
+    m = prepare_dataset(src, tmp_path / "a", name="hf", **kw)
+    assert m["num_classes"] == 1
+    assert {k: v["num_samples"] for k, v in m["splits"].items()} == {"train": 8, "val": 2, "test": 3}
+    caps = shard_captions(tmp_path / "a", m)
+    assert caps["test"] == [f"validation caption {i}" for i in range(3)]
+    assert sorted(caps["train"] + caps["val"]) == [f"train caption {i}" for i in range(10)]
+    write_images(root / "test", 4, "test caption {}")  # test/ wins over validation/
+    m = prepare_dataset(ImageFolder(str(root), channels=3, image_size=8), tmp_path / "b", name="hf", **kw)
+    assert shard_captions(tmp_path / "b", m)["test"] == [f"test caption {i}" for i in range(4)]
+    # class folders in the same split layout (root/train/<class> without test/ was refused before)
+    for c in ("x", "y"):
+        write_images(tmp_path / "cls" / "train" / c, 3)
+        write_images(tmp_path / "cls" / "validation" / c, 1)
+    m = prepare_dataset(ImageFolder(str(tmp_path / "cls"), channels=3, image_size=8), tmp_path / "c", name="c", **kw)
+    assert m["class_names"] == ["x", "y"]
+    assert {k: v["num_samples"] for k, v in m["splits"].items()} == {"train": 4, "val": 2, "test": 2}
+
+
+def test_folder_without_images_names_the_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "gone"}\n')
+    (tmp_path / "notes" / "a.txt").write_text("a caption without its image")
+    (tmp_path / "split" / "train").mkdir(parents=True)
+    for folder in (tmp_path / "empty", tmp_path / "notes", tmp_path / "split" / "train"):
+        with pytest.raises(ValueError, match=re.escape(f"{folder} has neither class sub-folders nor images")) as e:
+            ImageFolder(str(folder.parent if folder.name == "train" else folder))
+        assert f"directly in {folder} (one class)" in str(e.value) and "metadata.jsonl" in str(e.value)
+
+
+def test_class_folder_captions_from_metadata(tmp_path):
+    """metadata.jsonl in a class folder (`file_name` relative to it) or in the root (`<class>/<file>`)."""
+    write_images(tmp_path / "imgs" / "a", 3, "class folder caption {}")
+    write_images(tmp_path / "imgs" / "b", 3)
+    rows = [json.dumps({"file_name": f"b/{i:02d}.png", "text": f"root caption {i}"}) for i in range(3)]
+    (tmp_path / "imgs" / "metadata.jsonl").write_text("\n".join(rows))
+    m = prepare_dataset(ImageFolder(str(tmp_path / "imgs"), channels=3, image_size=8), tmp_path / "out", name="c",
+                        config={}, val_size=1, test_size=1, shard_size=8, min_eval_shards=1, progress=False)  # fmt: skip
+    assert m["class_names"] == ["a", "b"]
+    assert sorted(c for v in shard_captions(tmp_path / "out", m).values() for c in v) == sorted(
+        [f"class folder caption {i}" for i in range(3)] + [f"root caption {i}" for i in range(3)])
 
 
 def test_missing_source_and_manifest_errors(tmp_path):
