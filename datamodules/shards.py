@@ -122,7 +122,10 @@ def _write_shard(task: ShardTask) -> dict[str, Any]:
     skipped files.
 
     Samples are decoded one at a time and streamed into the tar, so memory is one image plus the tar
-    buffer. When the shard is complete, a record `.progress/<shard>.json` (its sha256 and the plan hash)
+    buffer, and the tar's member list: `tarfile.TarFile` keeps a `TarInfo` per member for as long as it is
+    open (`members`; 4 per sample here, ~1.3 kB per sample measured: 13 MB for a 10,000-sample shard). The
+    tar is opened and closed here, once per shard (and a writer process writes one shard), so that list is
+    bounded by `data.shard_size`, never by the dataset. When the shard is complete, a record `.progress/<shard>.json` (its sha256 and the plan hash)
     is written atomically: a re-run after a kill verifies the shard against it and skips it.
     """
     plan: DatasetPlan = _JOB["plan"]
@@ -442,9 +445,9 @@ def prepare_dataset(
     With an existing manifest of the same config, the shards' checksums are verified and nothing is
     rewritten; a different config is refused unless `force` (the old data may be in use by runs).
     The shards are those of `plan_dataset` (its docstring gives the splits). Shards are streamed (memory
-    bounded by one shard per writer and the packed file list, whatever the dataset size) by `num_workers`
-    processes; a killed prepare re-run keeps the shards it had finished (verified by sha256) and writes the
-    rest; the manifest is written last, atomically. Undecodable images are skipped and listed under
+    bounded by one shard per writer and the packed file list and captions, whatever the dataset size) by
+    `num_workers` processes; a killed prepare re-run keeps the shards it had finished (verified by sha256) and
+    writes the rest; the manifest is written last, atomically. Undecodable images are skipped and listed under
     `splits.<split>.skipped` (see `datamodules.sources.decode_image`).
     """
     out_dir = Path(out_dir)

@@ -158,7 +158,8 @@ def original_bytes(path: str | Path, channels: int, image_size: int | None) -> t
         return None
     if image_size is not None and size != (image_size, image_size):
         return None
-    return ("jpg" if fmt == "JPEG" else "png"), Path(path).read_bytes()
+    with open(path, "rb") as f:
+        return ("jpg" if fmt == "JPEG" else "png"), f.read()
 
 
 def _visible_name(name: str) -> bool:
@@ -181,36 +182,18 @@ def _has_images(folder: Path) -> bool:
         return any(_is_image(e) for e in entries)
 
 
-def read_captions(folder: Path) -> dict[str, str]:
-    """Captions of a folder: `metadata.jsonl` lines `{"file_name": ..., "text": ...}` (the diffusers /
-    Hugging Face imagefolder convention), keyed by file name relative to `folder`."""
-    path = folder / "metadata.jsonl"
-    if not path.exists():
-        return {}
-    out = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            out[str(row["file_name"])] = str(row["text"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(
-                f"{path} line {n}: expected a JSON object with 'file_name' and 'text' ({e!r})"
-            ) from e
-    return out
-
-
 class PackedStrings:
     """A list of strings packed in one buffer with an offset table: about one byte per character, where a
-    list of `Path` objects costs ~400 bytes per entry (38 MB for 100k files). Built by appending."""
+    list of `Path` objects costs ~400 bytes per entry (38 MB for 100k files) and a `str` ~50 bytes plus its
+    characters. Built by appending. Any `str` round-trips, lone surrogates included (UTF-8 with
+    `surrogatepass`: a file name's undecodable bytes, `os.fsdecode`'s escapes, come back as they were)."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._ends = array("q")
 
     def append(self, item: str) -> None:
-        self._buf += os.fsencode(item)
+        self._buf += item.encode("utf-8", "surrogatepass")
         self._ends.append(len(self._buf))
 
     def __len__(self) -> int:
@@ -218,31 +201,92 @@ class PackedStrings:
 
     def __getitem__(self, index: int) -> str:
         start = self._ends[index - 1] if index > 0 else 0
-        return os.fsdecode(bytes(self._buf[start : self._ends[index]]))
+        return self._buf[start : self._ends[index]].decode("utf-8", "surrogatepass")
+
+
+class MetadataCaptions:
+    """The captions of one folder's `metadata.jsonl` (lines `{"file_name": ..., "text": ...}`, the diffusers /
+    Hugging Face imagefolder convention), looked up by file name relative to the folder, without a dict.
+
+    The texts are appended to `texts` (shared by the folders of a listing: row r of this file is
+    `texts[self.start + r]`); the file names are packed (`PackedStrings`) and found through their sorted
+    hashes. Memory while it is alive: the names' bytes plus ~32 bytes per row (a dict of `str` held ~250
+    bytes per row besides the texts). A file name listed twice takes its last row, as a dict did. No
+    `metadata.jsonl`: no captions.
+    """
+
+    def __init__(self, folder: Path, texts: PackedStrings) -> None:
+        self.start = len(texts)
+        self._names = PackedStrings()
+        hashes = array("q")
+        path = folder / "metadata.jsonl"
+        if path.exists():
+            with open(path, encoding="utf-8") as f:  # streamed: neither the file's text nor a list of lines
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                        name, text = str(row["file_name"]), str(row["text"])
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise ValueError(
+                            f"{path} line {n}: expected a JSON object with 'file_name' and 'text' ({e!r})"
+                        ) from e
+                    self._names.append(name)
+                    texts.append(text)
+                    hashes.append(hash(name))  # str hashes are fixed within a process: built and used here
+        keys = np.frombuffer(hashes, dtype=np.int64) if hashes else np.zeros(0, np.int64)
+        self._order = np.argsort(keys, kind="stable")  # the rows of one hash in file order: the last one wins
+        self._keys = keys[self._order]
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def row(self, name: str) -> int:
+        """The index in `texts` of the caption of `name` (its last row), or -1 when it has none."""
+        key = hash(name)
+        lo, hi = np.searchsorted(self._keys, key, "left"), np.searchsorted(self._keys, key, "right")
+        for j in range(int(hi) - 1, int(lo) - 1, -1):
+            r = int(self._order[j])
+            if self._names[r] == name:
+                return self.start + r
+        return -1
 
 
 class FileSource:
     """A lazy list of image files: decoded one at a time by `item`, so memory does not grow with the dataset
-    beyond the packed file names (`PackedStrings`) and a label per file.
+    beyond the packed file names (`PackedStrings`), a label per file and the packed captions.
 
-    `names` are paths relative to `root`; `captions` maps an index to its `metadata.jsonl` caption (a
-    `.txt` sidecar next to the image, read when the image is, takes precedence).
+    `names` are paths relative to `root`. `captions[caption_rows[i]]` is the `metadata.jsonl` caption of file
+    i, none where `caption_rows[i]` is -1 (int32: 4 bytes per file, plus the caption's own bytes and an
+    8-byte offset in `captions`); a `.txt` sidecar next to the image, read when the image is, takes
+    precedence.
     """
 
-    def __init__(self, root: Path, names: PackedStrings, labels: np.ndarray, captions: dict[int, str],
-                 channels: int, image_size: int | None, background: Sequence[int],
+    def __init__(self, root: Path, names: PackedStrings, labels: np.ndarray, captions: PackedStrings,
+                 caption_rows: np.ndarray, channels: int, image_size: int | None, background: Sequence[int],
                  keep_original: bool = False) -> None:  # fmt: skip
-        if len(names) != len(labels):
-            raise ValueError(f"{len(names)} file names but {len(labels)} labels")
-        self.root, self.names, self.labels, self.captions = root, names, labels, captions
+        if not len(names) == len(labels) == len(caption_rows):
+            raise ValueError(f"{len(names)} file names, {len(labels)} labels, {len(caption_rows)} caption rows")
+        self.root, self.names, self.labels = root, names, labels
+        self.captions, self.caption_rows = captions, caption_rows
         self.channels, self.image_size, self.background = channels, image_size, tuple(background)
         self.keep_original = keep_original
+        root_str = os.fspath(root)
+        self._prefix = "" if root_str == "." else os.path.join(root_str, "")
 
     def __len__(self) -> int:
         return len(self.names)
 
-    def path(self, index: int) -> Path:
-        return self.root / self.names[index]
+    def path(self, index: int) -> str:
+        """The file's path, `str(root / name)`, built as a string: a `Path` would intern every part of it
+        (`sys.intern`, pathlib's parser), a churn of the interpreter's interned-string table per image."""
+        return self._prefix + self.names[index]
+
+    def caption(self, index: int) -> str | None:
+        """The `metadata.jsonl` caption of file `index`, or None."""
+        row = int(self.caption_rows[index])
+        return self.captions[row] if row >= 0 else None
 
     def fingerprint(self, indices: Sequence[int]) -> str:
         """A hash of the files (names and labels) at `indices`: a plan made from another listing differs."""
@@ -255,8 +299,12 @@ class FileSource:
         path = self.path(index)
         image = decode_image(path, self.channels, self.image_size, self.background)
         meta: dict = {"file": self.names[index], "index": int(index)}
-        sidecar = path.with_suffix(".txt")
-        caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.exists() else self.captions.get(index)
+        sidecar = os.path.splitext(path)[0] + ".txt"  # Path.with_suffix(".txt")
+        if os.path.exists(sidecar):
+            with open(sidecar, encoding="utf-8") as f:
+                caption = f.read().strip()
+        else:
+            caption = self.caption(index)
         if caption is not None:
             meta["caption"] = caption
         if self.keep_original and (raw := original_bytes(path, self.channels, self.image_size)) is not None:
@@ -338,25 +386,33 @@ class ImageFolder:
 
     def _listing(self, base: Path) -> FileSource:
         """The images of `base/<class>/` (or of `base` itself, one class), sorted by name within each class
-        folder (hidden ones left out)."""
-        names, labels, captions = PackedStrings(), array("q"), {}
-        top = read_captions(base)
+        folder (hidden ones left out), with their `metadata.jsonl` captions: a class folder's own, else the
+        split root's (`file_name` relative to the folder that holds the metadata.jsonl).
+
+        Captions are packed as they are read (`MetadataCaptions`: every row's text, referenced by the images
+        through `caption_rows`), so no dict of captions is held, neither per folder nor for the dataset:
+        besides the packed result, the transient memory is the names of one class folder's files (a sorted
+        list) and the lookup of the split root's and one class folder's metadata.jsonl (~32 bytes per row
+        plus the file name's bytes). Rows that match no image keep their text (bounded by the metadata's size).
+        """
+        names, labels, captions, rows = PackedStrings(), array("q"), PackedStrings(), array("i")
+        top = MetadataCaptions(base, captions)
         for label, name in enumerate(self.folders):
             folder = base / name
             if not folder.is_dir():
                 continue
-            local = read_captions(folder) if name else top
+            local = MetadataCaptions(folder, captions) if name else None
             with os.scandir(folder) as entries:
                 files = sorted(e.name for e in entries if _is_image(e))
             for file in files:
                 rel = f"{name}/{file}" if name else file
-                caption = local.get(file, top.get(rel))
-                if caption is not None:
-                    captions[len(names)] = caption
+                row = local.row(file) if local is not None else -1
+                rows.append(row if row >= 0 else top.row(rel))
                 names.append(rel)
                 labels.append(label)
-        return FileSource(base, names, np.array(labels, dtype=np.int64), captions, self.channels, self.image_size,
-                          self.background, self.keep_original)  # fmt: skip
+            del local, files
+        return FileSource(base, names, np.array(labels, dtype=np.int64), captions, np.array(rows, dtype=np.int32),
+                          self.channels, self.image_size, self.background, self.keep_original)  # fmt: skip
 
     def load(self, split: str) -> FileSource:
         base = self.test_dir if split == "test" and self.test_dir is not None else self.base

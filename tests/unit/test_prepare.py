@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from datamodules import sources
 from datamodules.shards import ShardChecksumError, load_manifest, prepare_dataset, verify_shards
 from datamodules.sources import FashionMNIST, ImageFolder, read_idx
 from tests.conftest import FMNIST, require_fashion_mnist
@@ -178,6 +179,30 @@ def test_class_folder_captions_from_metadata(tmp_path):
     assert m["class_names"] == ["a", "b"]
     assert sorted(c for v in shard_captions(tmp_path / "out", m).values() for c in v) == sorted(
         [f"class folder caption {i}" for i in range(3)] + [f"root caption {i}" for i in range(3)])
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_metadata_captions_keep_the_dict_semantics(tmp_path, monkeypatch, collide):
+    """The packed caption lookup answers as the dict it replaced: the last row of a file name wins, values are
+    `str()`-ed, an empty text is a caption, a class folder's own metadata.jsonl wins over the root's, a `.txt`
+    sidecar over both; any text round-trips (a lone surrogate too). `collide`: every name has one hash."""
+    if collide:
+        monkeypatch.setattr(sources, "hash", lambda _: 0, raising=False)
+    write_images(tmp_path / "imgs" / "a", 4)
+    write_images(tmp_path / "imgs" / "b", 2)
+    rows = [("00.png", "first"), ("01.png", ""), ("02.png", 7), ("00.png", "last wins"), ("gone.png", "x"),
+            ("03.png", "odd \ud800 text")]
+    (tmp_path / "imgs" / "a" / "metadata.jsonl").write_text(
+        "\r\n".join(json.dumps({"file_name": f, "text": t}) for f, t in rows) + "\r\n\r\n")
+    (tmp_path / "imgs" / "metadata.jsonl").write_text(
+        "\n".join(json.dumps({"file_name": f, "text": t}) for f, t in
+                  [("a/00.png", "root a0"), ("a/02.png", "root a2"), ("b/01.png", "root b1")]))
+    (tmp_path / "imgs" / "a" / "02.txt").write_text(" sidecar \n")
+    src = ImageFolder(str(tmp_path / "imgs"), channels=3, image_size=8).load("train")
+    assert [src.names[i] for i in range(len(src))] == [f"a/{i:02d}.png" for i in range(4)] + ["b/00.png", "b/01.png"]
+    assert [src.caption(i) for i in range(len(src))] == ["last wins", "", "7", "odd \ud800 text", None, "root b1"]
+    assert src.item(2)[2]["caption"] == "sidecar" and "caption" not in src.item(4)[2]
+    assert src.path(0) == str(tmp_path / "imgs" / "a" / "00.png")
 
 
 def test_missing_source_and_manifest_errors(tmp_path):
