@@ -155,6 +155,6 @@ def describe(record: dict) -> str:
     if not record.get("fits"):
         text += (
             f"\n[run] WARNING: even at the smallest step scale ({record['min_scale']:g}) this machine needs about "
-            f"{record['predicted_minutes']:.0f} minutes, over the {record['minutes']:g}-minute budget"
+            f"{record['predicted_minutes']:.1f} minutes, over the {record['minutes']:g}-minute budget"
         )
     return text

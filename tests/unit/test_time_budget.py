@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from core.machine import cpu_description, cpu_info
 from pipeline.builders import stage_hash
 from pipeline.run import CONF, accepted, apply_time_budget, plan
-from pipeline.time_budget import RECORD, choose_scale, decide, scaled_steps
+from pipeline.time_budget import RECORD, choose_scale, decide, describe, scaled_steps
 
 REF = {"machine": "ref", "probe_ms": 100.0, "fixed_minutes": 5.0, "training_minutes": 20.0}
 
@@ -124,3 +124,11 @@ def test_cpu_description_reads_model_and_simd_flags():
     info = cpu_info(text)
     assert info["model"] == "AMD EPYC 7B13" and info["simd"] == ["sse4_2", "avx", "avx2", "fma"]
     assert "AMD EPYC 7B13" in cpu_description(text) and "avx512" not in cpu_description(text)
+
+
+def test_the_over_budget_warning_says_by_how_much(tmp_path):
+    """20.4 predicted minutes against 20 must not read "about 20 minutes, over the 20-minute budget"."""
+    rec = decide(_cfg(tmp_path, min_scale=0.8), "32-true", lambda p: 100.0 * 20.4 / 21.0)  # 21 min at 0.8 on REF
+    assert not rec["fits"] and rec["step_scale"] == 0.8 and rec["predicted_minutes"] == pytest.approx(20.4)
+    text = describe(rec)
+    assert "20.4 minutes, over the 20-minute budget" in text, text
