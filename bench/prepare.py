@@ -4,8 +4,10 @@
 
 For each size, a folder of small random JPEGs (two class folders, `--image` px, plus 3 corrupt files) is
 generated once under a temporary directory; then `prepare_dataset` (the code of `python -m pipeline.prepare
-data=imagefolder`) runs in a fresh process per worker count. Reported: images/s over the whole prepare
-(listing, decoding, PNG encoding, sha256, manifest); the peak resident memory of the largest process (max
+data=imagefolder`) runs in a fresh process per worker count, twice: once timed, once watched for memory (the
+memory sampler walks /proc every 20 ms, and on a 2-core machine that CPU comes out of the writers': timed
+with it running, 2 writers measured 1.45x of 1 instead of 1.84x). Reported: images/s over the whole prepare
+(listing, decoding, PNG encoding, sha256, manifest) from the timed run; from the watched run, the peak resident memory of the largest process (max
 of the parent's and any writer's ru_maxrss); and the peak memory of the whole process tree (prepare and its
 writers), the sum of their proportional set sizes (PSS: a page the forked writers share with the parent
 counted once in all) sampled every 20 ms from /proc/<pid>/smaps_rollup, and the anonymous part of it
@@ -94,21 +96,22 @@ class TreePeak(threading.Thread):
         return self.peak_kib
 
 
-def run_one(folder: str, out: str, workers: int, shard_size: int, px: int) -> None:
-    """In a fresh process: one prepare; print images/s, the largest process's peak RSS and the process tree's
-    peak PSS (MiB) as JSON."""
+def run_one(folder: str, out: str, workers: int, shard_size: int, px: int, watch: bool) -> None:
+    """In a fresh process: one prepare; print images/s, the largest process's peak RSS and (`watch`) the
+    process tree's peak PSS (MiB) as JSON."""
     sys.path.insert(0, str(REPO))
     from datamodules.shards import prepare_dataset
     from datamodules.sources import ImageFolder
 
     sampler = TreePeak()
-    sampler.start()
+    if watch:
+        sampler.start()
     t0 = time.perf_counter()
     m = prepare_dataset(ImageFolder(folder, channels=3, image_size=px), out, name="bench", config={},
                         val_size=500, test_size=500, shard_size=shard_size, num_workers=workers,
                         progress=False)  # fmt: skip
     took = time.perf_counter() - t0
-    tree = sampler.stop()
+    tree = sampler.stop() if watch else (0, 0)
     n = sum(v["num_samples"] for v in m["splits"].values()) + m.get("num_skipped", 0)
     peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     print(json.dumps({"images_per_s": n / took, "peak_mib": peak / 1024, "tree_pss_mib": tree[0] / 1024,
@@ -123,9 +126,10 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--_one", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--_w", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--_watch", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._one:
-        run_one(args._one[0], args._one[1], args._w, args.shard_size, args.image)
+        run_one(args._one[0], args._one[1], args._w, args.shard_size, args.image, args._watch)
         return
     print(f"CPU: {cpu_description()}")
     rows = []
@@ -139,12 +143,16 @@ def main() -> None:
                 out = Path(tmp) / f"out{n}_{w}"
                 cmd = [sys.executable, __file__, "--_one", str(folder), str(out), "--_w", str(w),
                        "--shard-size", str(args.shard_size), "--image", str(args.image)]  # fmt: skip
-                res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+                res = {}
+                for watch in (False, True):  # timed, then watched for memory (module docstring)
+                    run = json.loads(subprocess.run(cmd + ["--_watch"] * watch, check=True, capture_output=True,
+                                                    text=True).stdout.splitlines()[-1])  # fmt: skip
+                    res.update({k: v for k, v in run.items() if (k == "images_per_s") != watch})
+                    shutil.rmtree(out)
                 rows.append((n, w, res))
                 print(f"  {n} images, {w} worker(s): {res['images_per_s']:.0f} img/s, peak RSS of a process "
                       f"{res['peak_mib']:.0f} MiB, of the tree: PSS {res['tree_pss_mib']:.0f} MiB, anonymous "
                       f"{res['tree_anon_mib']:.0f} MiB", flush=True)  # fmt: skip
-                shutil.rmtree(out)
             shutil.rmtree(folder)
     print(f"\n{'images':>8} | " + " | ".join(f"{w} worker(s): img/s, peak MiB (process, tree PSS, tree anon)"
                                               for w in args.workers))  # fmt: skip
