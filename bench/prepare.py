@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from core.machine import cpu_description  # noqa: E402
+from core.processes import child_pids  # noqa: E402
 
 
 def make_folder(root: Path, n: int, px: int) -> None:
@@ -52,16 +53,12 @@ def make_folder(root: Path, n: int, px: int) -> None:
 
 
 def _tree(pid: int) -> list[int]:
-    """`pid` and all its descendants (from /proc/<pid>/task/<tid>/children)."""
+    """`pid` and all its descendants."""
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
         out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
+        todo += child_pids(p)
     return out
 
 

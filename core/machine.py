@@ -34,6 +34,21 @@ def cpu_info(cpuinfo: str | None = None) -> dict:
     }
 
 
+def usable_cpus(environ: dict | None = None) -> int:
+    """The CPUs this process may run on: its affinity mask (`taskset`, a container's cpuset, Slurm's CPU
+    binding), capped by `SLURM_CPUS_PER_TASK` when set (a Slurm allocation that does not bind CPUs still
+    grants only that many). What `num_workers=auto` means."""
+    env = os.environ if environ is None else environ
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        n = os.cpu_count() or 1
+    slurm = str(env.get("SLURM_CPUS_PER_TASK", "")).strip()
+    if slurm.isdigit() and int(slurm) > 0:
+        n = min(n, int(slurm))
+    return max(1, n)
+
+
 def cpu_description(cpuinfo: str | None = None) -> str:
     """One line, e.g. "AMD EPYC (2 CPUs; sse4_2 avx avx2 fma avx512f avx512_bf16)"."""
     info = cpu_info(cpuinfo)

@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from core.io import atomic_open, atomic_write_json, config_hash, read_json, remove_stale_temps, sha256_file
+from core.processes import exit_with_parent
 from datamodules.sources import UndecodableImage
 
 log = logging.getLogger(__name__)
@@ -276,7 +277,10 @@ def write_shards(
             # writer process (maxtasksperchild=1) returns what a writer did copy when its shard is done.
             gc.freeze()
             try:
-                with mp.get_context("fork").Pool(min(num_workers, len(tasks)), maxtasksperchild=1) as pool:
+                # exit_with_parent: a prepare killed with SIGKILL takes its writers with it (an orphan would
+                # go on writing its shard while the re-run writes the same one).
+                with mp.get_context("fork").Pool(min(num_workers, len(tasks)), maxtasksperchild=1,
+                                                 initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:  # fmt: skip
                     for entry in pool.imap_unordered(_write_shard, tasks):
                         done[entry["name"]] = entry
                         bar.update(entry["num_samples"] + len(entry["skipped"]))

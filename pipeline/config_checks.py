@@ -107,6 +107,18 @@ TRAIN_RULES: dict[str, Rule] = {
     "progress_refresh_rate": COUNT,
 }
 
+PREPARE_RULES: dict[str, Rule] = {
+    "num_workers": Rule(int, low=0, low_open=True, extra=("auto",)),
+    "limit": Rule(int, low=0, low_open=True, optional=True),
+    "shard_tasks": POSITIVE_INT,
+    "shard_task": Rule(int, low=0, optional=True),
+    "data.shard_size": POSITIVE_INT,
+    "data.val_size": COUNT,
+    "data.test_size": COUNT,
+    "seed": SEED,
+    "data.seed": SEED,
+}
+
 EVALUATE_RULES: dict[str, Rule] = {
     **DATA_RULES,
     "num_samples": POSITIVE_INT,

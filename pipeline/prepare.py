@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from core.machine import usable_cpus
 from datamodules.shard_scan import scan_shards
 from datamodules.shards import (
     DatasetPlan,
@@ -32,6 +33,7 @@ from datamodules.shards import (
     write_manifest,
     write_shards,
 )
+from pipeline.config_checks import PREPARE_RULES, check_config
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +70,17 @@ def dataset_plan(cfg: DictConfig) -> DatasetPlan:
                         shard_size=data.shard_size, caption_templates=list(data.caption_templates))  # fmt: skip
 
 
+def writers(cfg: DictConfig) -> int:
+    """`num_workers`: a count, or `auto`, the CPUs this process may use (`core.machine.usable_cpus`: in a
+    Slurm job, its allocation)."""
+    return usable_cpus() if cfg.num_workers == "auto" else int(cfg.num_workers)
+
+
 def prepare(cfg: DictConfig, overrides: list[str] | None = None) -> dict | None:
     """Run the prepare `cfg` asks for; the manifest, or None for an array task or a Slurm submission.
     `overrides` (the command line) are what the Slurm jobs get, less the launcher's."""
     data = cfg.data
+    check_config(cfg, PREPARE_RULES, str(data.dir))
     if cfg.launcher.name == "slurm":
         from pipeline.slurm_chain import submit_prepare
 
@@ -107,7 +116,7 @@ def prepare(cfg: DictConfig, overrides: list[str] | None = None) -> dict | None:
         caption_templates=list(data.caption_templates),
         force=cfg.force,
         progress=cfg.progress,
-        num_workers=cfg.num_workers,
+        num_workers=writers(cfg),
     )
     return _report(manifest, data)
 
@@ -118,7 +127,7 @@ def _write_task(cfg: DictConfig, plan: DatasetPlan) -> None:
     mine = shard_range(plan.shards, int(cfg.shard_task), int(cfg.shard_tasks))
     if cfg.force:  # the old manifest goes first, so it never lists a half-rewritten shard
         (Path(plan.out_dir) / "manifest.json").unlink(missing_ok=True)
-    entries = write_shards(plan, mine, num_workers=cfg.num_workers, resume=not cfg.force, progress=cfg.progress)
+    entries = write_shards(plan, mine, num_workers=writers(cfg), resume=not cfg.force, progress=cfg.progress)
     span = f"{mine[0].name} .. {mine[-1].name}" if mine else "none"
     print(f"[prepare] shard task {cfg.shard_task} of {cfg.shard_tasks}: {len(entries)} of {len(plan.shards)} "
           f"shard(s) ({span}), {sum(e['num_samples'] for e in entries.values())} samples -> {plan.out_dir}",

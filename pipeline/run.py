@@ -9,8 +9,6 @@ is re-run and says why. With `launcher=slurm` the steps become a chain of sbatch
 
 from __future__ import annotations
 
-import ctypes
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from core.processes import die_with_parent
 from core.secrets import scrub_argv, scrub_text
 from pipeline.builders import stage_hash, upstream_dirs
 from pipeline.common import read_done
@@ -111,10 +110,6 @@ def status(step: Step) -> tuple[bool, str]:
     return False, "config changed"
 
 
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def run_local(steps: list[Step], log_dir: Path) -> list[tuple[str, str, float]]:
     """Run each step as a child process (killed with us), tee its output to <log_dir>/<step>.log."""
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +125,7 @@ def run_local(steps: list[Step], log_dir: Path) -> list[tuple[str, str, float]]:
         t0 = time.time()
         with open(log_dir / f"{step.name}.log", "a") as log:
             proc = subprocess.Popen([sys.executable, "-m", step.entry, *step.argv], stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, preexec_fn=_die_with_parent)  # fmt: skip
+                                    stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent)  # fmt: skip
             for line in proc.stdout:  # a stage's messages may echo a URL or an override: masked here too
                 line = scrub_text(line)
                 sys.stdout.write(line)

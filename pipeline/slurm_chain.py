@@ -149,8 +149,11 @@ def submit_prepare_step(step, launcher: DictConfig, log_dir: Path, dependency: l
                         reason: str) -> list[str]:  # fmt: skip
     """Submit prepare: one job (`tasks` = 0), or an array of `tasks` shard-range tasks and the manifest job
     after it (afterok). Returns the job ids; the last one is what later steps depend on."""
+    keys = {o.lstrip("+~").split("=", 1)[0] for o in step.overrides}
     step = replace(step, overrides=[o for o in step.overrides
                                     if o.lstrip("+~").split("=", 1)[0] not in PREPARE_PART_KEYS])  # fmt: skip
+    if "num_workers" not in keys:  # each job writes with the CPUs it was given (launcher.cpus_per_task)
+        step = replace(step, overrides=[*step.overrides, "num_workers=auto"])
     if tasks == 0:
         job = submit(stage_sbatch_argv(step, launcher, log_dir, dependency))
         print(f"[run] {step.name}: submitted job {job} ({reason}); log {log_dir / f'{step.name}-{job}.out'}", flush=True)

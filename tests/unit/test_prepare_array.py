@@ -5,6 +5,7 @@ in tests/integration/test_prepare_slurm.py)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +161,46 @@ def test_run_chain_refuses_a_bad_source_before_any_sbatch(tmp_path, monkeypatch)
     with pytest.raises(InstantiationException, match=r"data.source.root"):
         _chain(tmp_path, config(tmp_path)[1], calls)
     assert calls == []
+
+
+def test_slurm_prepare_jobs_use_the_cpus_they_were_given(tmp_path, monkeypatch):
+    """Each prepare job (array task, manifest job, or one job) writes with `num_workers=auto`, the CPUs of its
+    allocation (launcher.cpus_per_task), unless the command line sets num_workers."""
+    make_folder(tmp_path / "imgs")
+    calls = _fake_sbatch(monkeypatch)
+    cfg, args = config(tmp_path, "launcher=slurm", "launcher.prepare_tasks=2", "launcher.cpus_per_task=6")
+    prepare(cfg, args)
+    assert len(calls) == 2 and all("num_workers=auto" in job and "--cpus-per-task=6" in job for job in calls)
+    calls.clear()
+    cfg, args = config(tmp_path, "launcher=slurm", "launcher.prepare_tasks=2", "num_workers=3")
+    prepare(cfg, args)
+    assert all("num_workers=3" in job and "num_workers=auto" not in job for job in calls)
+
+
+def test_num_workers_auto_is_the_cpus_of_the_allocation(tmp_path, monkeypatch):
+    from core.machine import usable_cpus
+
+    mask = len(os.sched_getaffinity(0))
+    assert usable_cpus({}) == mask
+    assert usable_cpus({"SLURM_CPUS_PER_TASK": "1"}) == 1
+    assert usable_cpus({"SLURM_CPUS_PER_TASK": str(mask + 8)}) == mask  # never more than the process may use
+    assert usable_cpus({"SLURM_CPUS_PER_TASK": "lots"}) == mask
+    make_folder(tmp_path / "imgs")
+    seen = []
+    import pipeline.prepare as entry
+
+    monkeypatch.setattr(entry, "write_shards", lambda *a, **k: seen.append(k["num_workers"]) or {})
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    prepare(config(tmp_path, "num_workers=auto", "shard_task=0", "shard_tasks=2")[0])
+    assert seen == [1]
+
+
+@pytest.mark.parametrize("bad", ["num_workers=0", "num_workers=many", "data.shard_size=0", "limit=-3"])
+def test_bad_prepare_values_are_refused_before_anything_is_written(tmp_path, bad):
+    from pipeline.config_checks import ConfigError
+
+    make_folder(tmp_path / "imgs")
+    key = bad.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}=.*expected"):
+        prepare(config(tmp_path, bad)[0])
+    assert not (tmp_path / "data").exists()

@@ -1,5 +1,6 @@
 """Prepare of a messy folder under the stated decoding policy (`datamodules.sources.decode_image`), and a
-prepare killed midway that a re-run finishes without rewriting the shards it had verified."""
+prepare killed midway (1 and 2 writer processes) that a re-run finishes without rewriting the shards it had
+verified."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.processes import child_pids
 from datamodules.shards import PROGRESS_DIR, load_manifest, prepare_dataset
 from datamodules.sources import FashionMNIST, ImageFolder, UndecodableImage, decode_image
 from datamodules.webdata import WebDataModule
@@ -147,6 +149,59 @@ def test_killed_prepare_resumes_without_rewriting(tmp_path):
     assert {n: (os.stat(d / n).st_ino, os.stat(d / n).st_mtime_ns) for n in kept} == kept
     fresh = prepare_dataset(FashionMNIST(str(FMNIST)), tmp_path / "fresh", name="fashion_mnist", config=m["config"],
                             val_size=400, limit=4000, shard_size=100, num_workers=2, progress=False)  # fmt: skip
+    assert fresh["content_hash"] == m["content_hash"] and fresh["splits"] == m["splits"]
+
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, ended but not reaped by its new parent, counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_killed_two_writer_prepare_takes_its_writers_and_resumes(tmp_path):
+    """SIGKILL the CLI of an image-folder prepare with 2 writer processes while they write train shards (400
+    images of 256 px each, about a second's work): the writers end with it, leaving their shards unfinished
+    (an orphan would go on writing its shard while the re-run writes the same one), and the re-run keeps every
+    shard recorded as finished and writes what a fresh 1-writer prepare writes."""
+    rng = np.random.default_rng(0)
+    for i in range(900):
+        d = tmp_path / "imgs" / ("a" if i % 2 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        small = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+        small.resize((256, 256), Image.BILINEAR).save(d / f"{i:04d}.jpg", quality=90)
+    args = ["data=imagefolder", f"data.source.root={tmp_path / 'imgs'}", "data.num_classes=2", "data.image_size=96",
+            f"paths.data_dir={tmp_path / 'data'}", "data.val_size=50", "data.test_size=50", "data.shard_size=400",
+            "num_workers=2", "progress=false"]  # fmt: skip
+    d = tmp_path / "data" / "imagefolder"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.prepare", *args], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline, writers = time.time() + 120, []
+    while time.time() < deadline and proc.poll() is None:
+        writers = child_pids(proc.pid)
+        if len(writers) == 2 and list(d.glob(".train-*.tmp")):
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = sorted(p.name for p in d.glob("*.tar"))
+    assert not (d / "manifest.json").exists(), "prepare finished before it could be killed"
+    assert len(writers) == 2 and list(d.glob(".train-*.tmp")), (writers, finished)
+    time.sleep(2)  # an orphan writer would finish its train shard in this time
+    assert not [p for p in writers if _alive(p)], "writer processes outlived the killed prepare"
+    assert sorted(p.name for p in d.glob("*.tar")) == finished, "a writer finished a shard after the prepare was killed"
+    records = sorted((d / PROGRESS_DIR).glob("*.json"))
+    assert records, "no shard was finished before the kill: nothing to keep"
+    kept = {r.stem: (os.stat(d / r.stem).st_ino, os.stat(d / r.stem).st_mtime_ns) for r in records}
+    subprocess.run([sys.executable, "-m", "pipeline.prepare", *args], cwd=REPO, env=cli_env(), check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    m = load_manifest(d)
+    assert {n: (os.stat(d / n).st_ino, os.stat(d / n).st_mtime_ns) for n in kept} == kept
+    fresh = prepare_dataset(ImageFolder(str(tmp_path / "imgs"), channels=3, image_size=96), tmp_path / "fresh",
+                            name="imagefolder", config=m["config"], val_size=50, test_size=50, shard_size=400,
+                            progress=False)  # fmt: skip
     assert fresh["content_hash"] == m["content_hash"] and fresh["splits"] == m["splits"]
 
 
