@@ -1,6 +1,7 @@
 """Child processes that do not outlive their parent: a stage run by `pipeline.run`, a prepare's shard writers.
 A parent killed with SIGKILL (`kill -9`, the OOM killer) cannot stop its children itself; without this, a
-writer would go on writing its shard while the user's re-run writes the same one."""
+writer would go on writing its shard while the user's re-run writes the same one. And processes that do not
+share their parent's services: a stage's W&B service is its own (`forget_parent_services`)."""
 
 from __future__ import annotations
 
@@ -56,3 +57,20 @@ def child_pids(pid: int) -> list[int]:
         except OSError:  # the thread or the process ended while being read
             continue
     return out
+
+
+# Variables that address something of one process (W&B's service socket): a child or a Slurm job must not
+# inherit them (`forget_parent_services`, `pipeline.slurm_chain.exported_names`).
+PROCESS_LOCAL_ENV = ("WANDB_SERVICE",)
+
+
+def forget_parent_services() -> None:
+    """Start a stage process with a W&B service of its own. W&B keeps the address of a process's service in
+    WANDB_SERVICE and every child inherits it (sbatch's `WANDB_*` export too), so a stage started from a
+    process that had used W&B (a notebook, a test session, a sweep driver) logged through *that* service:
+    gone when it ends, unreachable from another node, and still holding the stream of a run killed by a
+    requeue, so the requeued stage's `wandb.init` failed with "run ID ... is in use". Call it first in an
+    entry point's main, before W&B is imported; DDP ranks started as subprocesses drop it too (they do not
+    log), spawned ones do not run main and keep their parent's, as W&B's attach needs."""
+    for name in PROCESS_LOCAL_ENV:
+        os.environ.pop(name, None)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.dist import exact_dist_env
 from core.io import read_json
+from core.processes import forget_parent_services
 from datamodules.shards import manifest_hash
 from eval.checks import check_data_compatible
 from eval.features import load_reference_batch, reference_key, reference_statistics
@@ -223,6 +224,7 @@ def evaluate(cfg: DictConfig) -> list[dict]:
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    forget_parent_services()  # this job logs through a W&B service of its own, not its caller's
     try:
         evaluate(cfg)
     except ConfigError as e:  # the user's mistake, said without a traceback; nothing was touched

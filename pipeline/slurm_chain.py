@@ -20,6 +20,7 @@ from pathlib import Path
 from hydra import compose
 from omegaconf import DictConfig
 
+from core.processes import PROCESS_LOCAL_ENV
 from pipeline.slurm import sbatch_command, submit, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,14 +29,15 @@ REPO = Path(__file__).resolve().parents[1]
 def exported_names(patterns: Iterable[str], environ: Mapping[str, str] | None = None) -> list[str]:
     """The variables of the submitting environment a job gets, by name (`launcher.export_env`; `PREFIX*`
     matches by prefix). Only names travel on sbatch's command line: sbatch reads their values itself, and
-    every other variable (tokens the job does not need included) stays out of the job."""
+    every other variable (tokens the job does not need included) stays out of the job, and so does the
+    address of a service of the submitting process (`core.processes.PROCESS_LOCAL_ENV`), whatever matches."""
     env = os.environ if environ is None else environ
     names: dict[str, None] = {}
     for pattern in patterns:
         pattern = str(pattern)
         matches = [k for k in sorted(env) if k.startswith(pattern[:-1])] if pattern.endswith("*") else (
             [pattern] if pattern in env else [])  # fmt: skip
-        names.update(dict.fromkeys(matches))
+        names.update(dict.fromkeys(m for m in matches if m not in PROCESS_LOCAL_ENV))
     return list(names)
 
 

@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from core.io import atomic_write_json
+from core.processes import forget_parent_services
 from pipeline.builders import (
     TrainTime,
     build_trainer,
@@ -85,6 +86,7 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    forget_parent_services()  # this stage logs through a W&B service of its own, not its caller's
     try:
         train(cfg)
     except ConfigError as e:  # the user's mistake, said without a traceback; nothing was touched

@@ -48,6 +48,19 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="session")
+def ended_wandb_service(tmp_path_factory) -> str:
+    """The WANDB_SERVICE value of a process that used W&B and has ended (a closed notebook, a finished sweep
+    driver): W&B's address of its service, which every child of such a process inherits."""
+    pytest.importorskip("wandb")
+    root = tmp_path_factory.mktemp("wandb_parent")
+    code = ("import os, wandb; wandb.init(mode='offline', dir=os.environ['ROOT'], project='parent').finish(); "
+            "print(os.environ['WANDB_SERVICE'])")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], env={**cli_env(), "ROOT": str(root)}, capture_output=True,
+                          text=True, timeout=300, check=True)  # fmt: skip
+    return proc.stdout.strip().splitlines()[-1]
+
+
 def run_cli(module: str, *overrides: str, timeout: int = 600, check: bool = True, **kw) -> subprocess.CompletedProcess:
     """Run `python -m <module> <overrides>` the way a user does; on failure show the output tail."""
     proc = subprocess.run([sys.executable, "-m", module, *overrides], cwd=REPO, env=cli_env(),

@@ -76,8 +76,8 @@ def test_cfg_sweep_writes_every_artifact_and_rerun_skips(tiny_data, runs, cfg_sw
     assert finished == {p: p.stat().st_mtime_ns for p in sweep.glob("cfg_s*/*")}
 
 
-def test_report_only_logs_to_wandb_offline(tiny_data, runs, cfg_sweep):
-    pytest.importorskip("wandb")
+def test_report_only_logs_to_wandb_offline(tiny_data, runs, cfg_sweep, ended_wandb_service, monkeypatch):
+    monkeypatch.setenv("WANDB_SERVICE", ended_wandb_service)  # the caller's W&B service, ended: not used
     evaluate(tiny_data, runs, "report_only=true", "logger=wandb")
     offline = list((runs / "default" / "fashion_mnist" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1

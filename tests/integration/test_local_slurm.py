@@ -393,6 +393,41 @@ def test_stage_sbatch_runs_train_under_srun(
     assert "pipeline.train experiment=fashion_mnist_quick" in log.read_text()
 
 
+_ONE_RANK_FAILS = """import os, sys, time
+with open(os.path.join({out!r}, "rank-" + os.environ["SLURM_PROCID"]), "w") as f:
+    f.write(str(os.getpid()))
+if os.environ["SLURM_PROCID"] == "0":
+    sys.exit("rank 0: a config error, a full disk, W&B refusing the run")
+time.sleep(300)  # the other rank: waiting in DDP's first collective for a rank that is gone
+"""
+
+
+@pytest.mark.slurm
+def test_stage_sbatch_ends_the_job_when_one_rank_fails(
+    cluster: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rank that exits with an error ends the whole job (srun --kill-on-bad-exit): the other ranks, waiting
+    in a collective for it (gloo/NCCL wait 30 min by default), no longer hold the nodes until the time limit."""
+    root, out = tmp_path / "repo", tmp_path / "records"
+    out.mkdir()
+    _fake_repo(root, out, "train")
+    (root / "pipeline" / "train.py").write_text(_ONE_RANK_FAILS.format(out=str(out)))
+    for key, value in _template_env(root).items():
+        monkeypatch.setenv(key, value)
+    log = tmp_path / "stage.log"
+    job = slurm.submit(_sbatch(str(REPO / "slurm" / "stage.sbatch"), log, ntasks_per_node=2))
+    try:
+        states = slurm.wait_for([job], timeout=JOB_TIMEOUT_S, poll=0.5)
+    finally:
+        subprocess.run(["scancel", job], check=False)
+    assert states == {job: "FAILED"}, log.read_text()
+    waiting = int((out / "rank-1").read_text())
+    deadline = time.monotonic() + 10
+    while _running(waiting) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _running(waiting), "the waiting rank outlived its job"
+
+
 @pytest.mark.slurm
 def test_eval_array_sbatch_adds_sweep_index(
     cluster: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

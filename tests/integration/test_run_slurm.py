@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 from datetime import datetime
 
@@ -13,7 +14,7 @@ import pytest
 
 from pipeline import slurm
 from tests import tiny_checkpoints as tiny
-from tests.conftest import run_cli, tiny_overrides
+from tests.conftest import cli_env, run_cli, tiny_overrides
 from tests.integration.test_local_slurm import cluster  # noqa: F401  (the module-scoped fixture)
 
 pytestmark = pytest.mark.slurm
@@ -65,7 +66,25 @@ def test_chain_runs_in_order_with_ddp_under_srun(cluster, tiny_data, tmp_path): 
     assert "Traceback" not in second_log
 
 
-def test_usr1_preemption_requeues_and_resumes_same_wandb_run(cluster, tiny_data, tmp_path):  # noqa: F811
+@pytest.fixture
+def caller_wandb_service(tmp_path_factory):
+    """WANDB_SERVICE of a live process that used W&B (a notebook that submits the pipeline): its service
+    would hold the stream of a job killed by the requeue, and the requeued job found its run ID "in use"."""
+    pytest.importorskip("wandb")
+    code = ("import os, sys, wandb; wandb.init(mode='offline', dir=sys.argv[1], project='caller').finish(); "
+            "print(os.environ['WANDB_SERVICE'], flush=True); sys.stdin.read()")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path_factory.mktemp("caller"))], env=cli_env(),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        yield proc.stdout.readline().strip()
+    finally:
+        proc.stdin.close()  # the caller ends
+        proc.wait(timeout=120)
+
+
+def test_usr1_preemption_requeues_and_resumes_same_wandb_run(cluster, tiny_data, tmp_path, caller_wandb_service,  # noqa: F811
+                                                             monkeypatch):  # fmt: skip
+    monkeypatch.setenv("WANDB_SERVICE", caller_wandb_service)
     # enough steps that training is still running when the signal arrives, even on a slow machine
     args = ["stages=[feature_net_eval]", "debug=limit", "trainer.max_steps=300", "data.train_batches_per_epoch=1000",
             "stage.checkpoint_every_n_steps=5", "requeue_check_every_n_steps=5", *SLURM,

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from tests.conftest import REPO, SMALL_DIFFUSION, cli_env, run_cli, tiny_overrides
@@ -64,8 +63,10 @@ def test_killed_run_resumes_from_last_ckpt(tiny_data, tmp_path):
     assert steps and min(steps) >= step_at_kill - 1
 
 
-def test_wandb_offline_run_holds_metrics(tiny_data, tmp_path):
-    pytest.importorskip("wandb")
+def test_wandb_offline_run_holds_metrics(tiny_data, tmp_path, ended_wandb_service, monkeypatch):
+    # Started from a process that had used W&B and has ended: the stage logs through a service of its own
+    # (with its caller's, W&B failed to connect; on Slurm, a requeued stage found its run ID "in use").
+    monkeypatch.setenv("WANDB_SERVICE", ended_wandb_service)
     run_cli("pipeline.train", "stage=feature_net", "debug=limit", f"paths.data_dir={tiny_data}",
             f"paths.runs_dir={tmp_path}", "logger=wandb")  # fmt: skip
     runs = list((tmp_path / "default" / "fashion_mnist" / "wandb").glob("offline-run-*"))

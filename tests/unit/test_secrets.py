@@ -117,7 +117,7 @@ def test_slurm_jobs_get_named_variables_only(tmp_path, monkeypatch):
     from pipeline.slurm_chain import exported_names, stage_sbatch_argv
 
     env = {"PATH": "/bin", "HF_TOKEN": "plainvalue8d2kq93jfz", "WANDB_MODE": "offline", "WANDB_API_KEY": "k" * 40,
-           "NCCL_DEBUG": "INFO", "LC_ALL": "C"}  # fmt: skip
+           "NCCL_DEBUG": "INFO", "LC_ALL": "C", "WANDB_SERVICE": "3-4242-unix-/tmp/wandb-4242/socket"}  # fmt: skip
     assert exported_names(["PATH", "LC_*", "WANDB_*", "NCCL_*", "TMPDIR"], env) == [
         "PATH", "LC_ALL", "WANDB_API_KEY", "WANDB_MODE", "NCCL_DEBUG"]  # fmt: skip
     for k, v in env.items():
@@ -129,6 +129,7 @@ def test_slurm_jobs_get_named_variables_only(tmp_path, monkeypatch):
     names = export.removeprefix("--export=").split(",")
     assert "ALL" not in names and "HF_TOKEN" not in names and "PATH" in names and "WANDB_API_KEY" in names
     assert "k" * 40 not in export and "plainvalue8d2kq93jfz" not in export  # sbatch reads the values itself
+    assert "WANDB_SERVICE" not in names  # a socket of this process: the job starts its own service
 
 
 def test_slurm_error_messages_mask_the_command_line():
