@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,21 @@ SMALL_DIFFUSION = ("model.unet.model_channels=16", "model.unet.channel_mult=[1,2
 
 def tiny_overrides(data_root: Path, runs: Path, *extra: str) -> list[str]:
     return [f"paths.data_dir={data_root}", f"paths.runs_dir={runs}", "logger=csv", *extra]
+
+
+def processes_running(pids: list[int], within: float = 0.0) -> list[int]:
+    """The pids of `pids` still running after up to `within` seconds. A killed process not yet reaped by its
+    new parent (a zombie: this container's init reaps late) does not run; a loaded machine may take a moment
+    to end a process inside an fsync."""
+
+    def running(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + within
+    while (left := [p for p in pids if running(p)]) and time.time() < deadline:
+        time.sleep(0.1)
+    return left
