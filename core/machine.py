@@ -9,6 +9,9 @@ import platform
 from pathlib import Path
 
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+# Environment variables that cap the kernels PyTorch and oneDNN pick below what the flags allow (an AVX2-only
+# machine's kernels reproduced on an AVX512 one): a figure measured under them names them.
+KERNEL_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
 
 
 def cpu_info(cpuinfo: str | None = None) -> dict:
@@ -49,7 +52,10 @@ def usable_cpus(environ: dict | None = None) -> int:
     return max(1, n)
 
 
-def cpu_description(cpuinfo: str | None = None) -> str:
-    """One line, e.g. "AMD EPYC (2 CPUs; sse4_2 avx avx2 fma avx512f avx512_bf16)"."""
-    info = cpu_info(cpuinfo)
-    return f"{info['model']} ({info['logical_cpus']} CPUs; {' '.join(info['simd']) or 'no SIMD flags read'})"
+def cpu_description(cpuinfo: str | None = None, environ: dict | None = None) -> str:
+    """One line, e.g. "AMD EPYC (2 CPUs; sse4_2 avx avx2 fma avx512f avx512_bf16)", and the kernel caps
+    set in the environment, e.g. "...; kernels capped: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)"."""
+    info, env = cpu_info(cpuinfo), os.environ if environ is None else environ
+    caps = " ".join(f"{k}={env[k].strip()}" for k in KERNEL_CAPS if str(env.get(k, "")).strip())
+    flags = " ".join(info["simd"]) or "no SIMD flags read"
+    return f"{info['model']} ({info['logical_cpus']} CPUs; {flags}{'; kernels capped: ' + caps if caps else ''})"

@@ -123,7 +123,15 @@ def test_cpu_description_reads_model_and_simd_flags():
     text = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse4_2 avx avx2 fma\n"
     info = cpu_info(text)
     assert info["model"] == "AMD EPYC 7B13" and info["simd"] == ["sse4_2", "avx", "avx2", "fma"]
-    assert "AMD EPYC 7B13" in cpu_description(text) and "avx512" not in cpu_description(text)
+    assert "AMD EPYC 7B13" in cpu_description(text, {}) and "avx512" not in cpu_description(text, {})
+
+
+def test_cpu_description_names_kernel_caps():
+    """A figure measured with AVX2 kernels emulated on an AVX512-BF16 CPU must not read as that CPU's own."""
+    text = "model name\t: AMD EPYC\nflags\t\t: sse4_2 avx avx2 fma avx512f avx512_bf16\n"
+    capped = cpu_description(text, {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert capped.endswith("avx512_bf16; kernels capped: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)")
+    assert "capped" not in cpu_description(text, {"ONEDNN_MAX_CPU_ISA": " "})
 
 
 def test_the_over_budget_warning_says_by_how_much(tmp_path):
