@@ -11,7 +11,14 @@ from pathlib import Path
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
 # Environment variables that cap the kernels PyTorch and oneDNN pick below what the flags allow (an AVX2-only
 # machine's kernels reproduced on an AVX512 one): a figure measured under them names them.
-KERNEL_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+ONEDNN_ISA_CAP = "ONEDNN_MAX_CPU_ISA"
+KERNEL_CAPS = ("ATEN_CPU_CAPABILITY", ONEDNN_ISA_CAP)
+
+
+def kernel_caps(environ: dict | None = None) -> dict[str, str]:
+    """The KERNEL_CAPS set (non-blank) in the environment, e.g. {"ONEDNN_MAX_CPU_ISA": "AVX2"}."""
+    env = os.environ if environ is None else environ
+    return {k: v for k in KERNEL_CAPS if (v := str(env.get(k, "")).strip())}
 
 
 def cpu_info(cpuinfo: str | None = None) -> dict:
@@ -55,7 +62,7 @@ def usable_cpus(environ: dict | None = None) -> int:
 def cpu_description(cpuinfo: str | None = None, environ: dict | None = None) -> str:
     """One line, e.g. "AMD EPYC (2 CPUs; sse4_2 avx avx2 fma avx512f avx512_bf16)", and the kernel caps
     set in the environment, e.g. "...; kernels capped: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)"."""
-    info, env = cpu_info(cpuinfo), os.environ if environ is None else environ
-    caps = " ".join(f"{k}={env[k].strip()}" for k in KERNEL_CAPS if str(env.get(k, "")).strip())
+    info = cpu_info(cpuinfo)
+    caps = " ".join(f"{k}={v}" for k, v in kernel_caps(environ).items())
     flags = " ".join(info["simd"]) or "no SIMD flags read"
     return f"{info['model']} ({info['logical_cpus']} CPUs; {flags}{'; kernels capped: ' + caps if caps else ''})"

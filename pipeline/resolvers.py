@@ -13,11 +13,12 @@
 
 from __future__ import annotations
 
-import os
 import platform
 
 import torch
 from omegaconf import OmegaConf
+
+from core.machine import ONEDNN_ISA_CAP, kernel_caps
 
 BF16, FP32 = "bf16-mixed", "32-true"
 
@@ -29,7 +30,7 @@ ONEDNN_BF16_ISAS = {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "
 
 
 def cpu_has_native_bf16() -> bool:
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    cap = kernel_caps().get(ONEDNN_ISA_CAP, "").upper()
     if cap and cap not in ONEDNN_BF16_ISAS:
         return False
     if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):

@@ -30,10 +30,12 @@ time.sleep(120)
 def test_a_quiet_child_ends_with_its_killed_parent_only_through_die_with_parent(with_prctl):
     parent = subprocess.Popen([sys.executable, "-c", PARENT, "1" if with_prctl else "0"], cwd=REPO,
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
-    child = int(parent.stdout.readline())
     try:
-        os.kill(parent.pid, signal.SIGKILL)
+        child = int(parent.stdout.readline())
+    finally:  # the parent sleeps for 2 minutes: never leave it behind, even when it printed no pid
+        parent.kill()
         parent.wait()
+    try:
         left = processes_running([child], within=10 if with_prctl else 3)
         assert left == ([] if with_prctl else [child])  # the control: without the prctl the orphan sleeps on
     finally:
