@@ -22,6 +22,7 @@ from .process import (
     training_target,
 )
 from .samplers import (
+    DPM_ALGORITHMS,
     DPM_FINAL_SIGMAS,
     TIMESTEP_SPACINGS,
     DDIMSampler,
@@ -40,6 +41,7 @@ __all__ = [
     "DDIMSampler",
     "DDPMSampler",
     "DPMSolverPP2MSampler",
+    "DPM_ALGORITHMS",
     "DPM_FINAL_SIGMAS",
     "IDDPMSampler",
     "NoiseSchedule",

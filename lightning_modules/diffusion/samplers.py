@@ -293,6 +293,7 @@ class DDIMSampler(_RespacedSampler):
 # --- DPM-Solver++(2M) -------------------------------------------------------------------------------------
 
 DPM_FINAL_SIGMAS = ("zero", "sigma_min")
+DPM_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")  # diffusers' algorithm_type names
 
 
 def _alpha_sigma_lambda(abar: float) -> tuple[float, float, float]:
@@ -322,6 +323,13 @@ class DPMSolverPP2MSampler(_RespacedSampler):
     training timestep 0 instead of 0. Deterministic (never needs noise). Classifier guidance goes through
     the guided eps, eps - sqrt(1 - abar_t) grad (guided-diffusion `condition_score`), before x0 is formed.
 
+    `algorithm` "sde-dpmsolver++" is the stochastic variant (Lu et al. 2022, Appendix B, "SDE-DPM-Solver++2M";
+    diffusers' algorithm_type="sde-dpmsolver++", midpoint): it solves the reverse SDE instead of the
+    probability-flow ODE, with the same data prediction D and fresh noise z ~ N(0, I) on every step that does
+    not land on sigma = 0:
+
+        x_t' = (sigma_t' / sigma_s0) e^-h x_t + alpha_t' (1 - e^-2h) D + sigma_t' sqrt(1 - e^-2h) z
+
     Multistep state: `step` returns the data prediction and its timestep as `state`; the sampling loop
     passes it back as `state=` on the next step of the same chain (`sampling.sample`). Without it (the first
     step, or a one-off call) the step is first order.
@@ -332,6 +340,7 @@ class DPMSolverPP2MSampler(_RespacedSampler):
     clip_x0: float | None = None
     lower_order_final: bool = True
     final_sigmas_type: str = "zero"
+    algorithm: str = "dpmsolver++"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -339,9 +348,14 @@ class DPMSolverPP2MSampler(_RespacedSampler):
             raise ValueError(
                 f"unknown final_sigmas_type {self.final_sigmas_type!r}; expected one of {list(DPM_FINAL_SIGMAS)}"
             )
+        if self.algorithm not in DPM_ALGORITHMS:
+            raise ValueError(f"unknown DPM-Solver++ algorithm {self.algorithm!r}; expected one of {list(DPM_ALGORITHMS)}")
 
     def needs_noise(self, schedule: NoiseSchedule, t: int, prev_t: int | None = None) -> bool:
-        return False
+        """The SDE variant draws noise on every step whose target is not sigma = 0; the ODE never does."""
+        return self.algorithm == "sde-dpmsolver++" and self._target_abar(
+            schedule, self.prev_timestep(schedule, t, prev_t)
+        ) < 1.0
 
     def _target_abar(self, schedule: NoiseSchedule, prev: int) -> float:
         """abar at the step's target: the chain's next timestep, or the final sigma after the last step."""
@@ -365,10 +379,11 @@ class DPMSolverPP2MSampler(_RespacedSampler):
     ) -> dict[str, Tensor | float | dict]:
         """One DPM-Solver++(2M) step from training timestep t to the next one of the chain.
 
-        eps, x_t, grad: (B, ...); noise is unused (deterministic); grad: the scaled classifier gradient at
-        (x_t, t); prev_t: the next timestep of the chain (-1 after the last step); state: the previous
-        step's `state` (None on the first step). Returns prev_sample and pred_x0 (B, ...), variance 0.0 and
-        `state` for the next step.
+        eps, x_t, grad: (B, ...); noise: (B, ...) N(0, I) for the SDE variant when `needs_noise`, else
+        unused; grad: the scaled classifier gradient at (x_t, t); prev_t: the next timestep of the chain (-1
+        after the last step); state: the previous step's `state` (None on the first step). Returns
+        prev_sample and pred_x0 (B, ...), the variance of the added noise (0.0 for the ODE) and `state` for the
+        next step.
         """
         prev = self.prev_timestep(schedule, t, prev_t)
         abar_s0 = _abar(schedule, t)
@@ -389,6 +404,15 @@ class DPMSolverPP2MSampler(_RespacedSampler):
             h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
             # 1 / r0 = h / h_0 (h = 0 when a sigma_min final step starts at timestep 0: no correction).
             d = x0 + 0.5 * (h / h_0) * (x0 - state["x0"])
-        # 4. x_t' = (sigma_t' / sigma_s0) x_t - alpha_t' (e^-h - 1) D.
-        prev_sample = (sigma_t / sigma_s0) * x_t - (alpha_t * phi) * d
-        return {"prev_sample": prev_sample, "pred_x0": x0, "variance": 0.0, "state": {"x0": x0, "t": t}}
+        if self.algorithm == "dpmsolver++":
+            # 4. x_t' = (sigma_t' / sigma_s0) x_t - alpha_t' (e^-h - 1) D.
+            prev_sample = (sigma_t / sigma_s0) * x_t - (alpha_t * phi) * d
+            return {"prev_sample": prev_sample, "pred_x0": x0, "variance": 0.0, "state": {"x0": x0, "t": t}}
+        # 4'. SDE: x_t' = (sigma_t' / sigma_s0) e^-h x_t + alpha_t' (1 - e^-2h) D + sigma_t' sqrt(1 - e^-2h) z.
+        finite = math.isfinite(lambda_t)
+        e_h = math.exp(-(lambda_t - lambda_s0)) if finite else 0.0
+        one_minus_e_2h = -math.expm1(-2.0 * (lambda_t - lambda_s0)) if finite else 1.0
+        variance = sigma_t**2 * one_minus_e_2h
+        mean = (sigma_t / sigma_s0 * e_h) * x_t + (alpha_t * one_minus_e_2h) * d
+        return {"prev_sample": _add_noise(mean, variance, noise), "pred_x0": x0, "mean": mean,
+                "variance": variance, "state": {"x0": x0, "t": t}}  # fmt: skip

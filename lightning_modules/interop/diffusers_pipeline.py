@@ -154,10 +154,25 @@ class GuidedLDMPipeline(DiffusionPipeline):
             if len(seeds) != batch:
                 raise ValueError(f"{len(seeds)} seeds for {batch} samples")
             # Our sampling.seeded_noise: one generator per sample, so a sample depends on its seed alone.
-            rows = [torch.randn(shape[1:], generator=torch.Generator(device=device).manual_seed(s % (1 << 32)),
-                                device=device, dtype=dtype) for s in seeds]  # fmt: skip
-            return torch.stack(rows)
+            self._seed_generators = [torch.Generator(device=device).manual_seed(s % (1 << 32)) for s in seeds]
+            return self._seeded_noise(shape, device, dtype)
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    def _seeded_noise(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The next (B, ...) draw of the per-sample generators of `seeds` (x_T first, then each step's noise)."""
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype)
+                            for g in self._seed_generators])  # fmt: skip
+
+    def _step_noise(self, step: int, seeded: bool, shape: tuple[int, ...], device: torch.device,
+                    dtype: torch.dtype) -> dict[str, Tensor]:  # fmt: skip
+        """variance_noise for a stochastic DPM-Solver++ step with per-sample seeds, drawn in our loop's order
+        (sampling.sample: one draw per step that does not land on sigma = 0), so seeded samples equal ours;
+        nothing for other schedulers or without seeds (diffusers then draws from `generator`)."""
+        if not seeded or not str(getattr(self.scheduler.config, "algorithm_type", "")).startswith("sde"):
+            return {}
+        if float(self.scheduler.sigmas[step + 1]) == 0.0:
+            return {"variance_noise": torch.zeros(shape, device=device, dtype=dtype)}  # its coefficient is 0
+        return {"variance_noise": self._seeded_noise(shape, device, dtype)}
 
     # --- sampling --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -208,7 +223,7 @@ class GuidedLDMPipeline(DiffusionPipeline):
         x = x * self.scheduler.init_noise_sigma
         step_kwargs = self._step_kwargs(eta, generator)
         channels = int(self.unet.config.in_channels)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             inp = torch.cat([x, x]) if guided else x
             inp = self.scheduler.scale_model_input(inp, t)
             out = self.unet(inp, t, encoder_hidden_states=context.to(dtype),
@@ -218,7 +233,8 @@ class GuidedLDMPipeline(DiffusionPipeline):
                 out = eps_u + guidance_scale * (eps_c - eps_u)
                 if guidance_rescale:
                     out = _rescale(out, eps_c, guidance_rescale)
-            x = self.scheduler.step(out, t, x, **step_kwargs).prev_sample
+            noise = self._step_noise(i, seeds is not None and latents is None, tuple(x.shape), device, x.dtype)
+            x = self.scheduler.step(out, t, x, **step_kwargs, **noise).prev_sample
 
         if output_type == "latent":
             images: Any = x

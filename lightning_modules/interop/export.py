@@ -81,7 +81,7 @@ def build_pipeline(
 
     if scheduler not in SCHEDULERS:
         raise UnsupportedByDiffusers(f"scheduler={scheduler!r}: expected one of {list(SCHEDULERS)}")
-    sched_cls = {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}[scheduler]
+    sched_cls = DDIMScheduler if scheduler == "ddim" else DPMSolverMultistepScheduler
     sched = sched_cls(**scheduler_config(bundle.schedule, bundle.prediction_type, scheduler, spacing))
 
     ae = bundle.autoencoder

@@ -148,6 +148,21 @@ def test_dpm_solver_export_samples_equal_ours(exported):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
+def test_sde_dpm_solver_export_samples_equal_ours_with_seeds(exported):
+    """The SDE variant draws noise on every step: with per-sample seeds the pipeline hands diffusers' step our
+    loop's draws (variance_noise), so a seeded sample is the one `pipeline.evaluate` draws."""
+    ckpt, _ = exported
+    bundle = load_diffusion(ckpt)
+    pipe = build_pipeline(bundle, scheduler="dpmpp_2m_sde", spacing="trailing")
+    assert pipe.scheduler.config.algorithm_type == "sde-dpmsolver++"
+    pipe.set_progress_bar_config(disable=True)
+    got = pipe(class_labels=LABELS, guidance_scale=3.0, num_inference_steps=10, seeds=SEEDS, output_type="pt").images
+    sde = DPMSolverPP2MSampler(num_steps=10, spacing="trailing", algorithm="sde-dpmsolver++")
+    torch.testing.assert_close(got, _ours(bundle, sde, LABELS, SEEDS, 3.0), atol=1e-4, rtol=0)
+    ode = _ours(bundle, DPMSolverPP2MSampler(num_steps=10, spacing="trailing"), LABELS, SEEDS, 3.0)
+    assert (got - ode).abs().max() > 1e-2  # the noise was used
+
+
 def test_learned_variance_x0_cosine_model_samples_equal_ours():
     """Improved DDPM's 2C outputs (only the prediction is guided; DDIM ignores the variance), x0 prediction
     and the cosine schedule (diffusers' squaredcos_cap_v2, float32 betas: the largest gap of the cases here)."""

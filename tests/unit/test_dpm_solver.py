@@ -13,8 +13,10 @@ from lightning_modules.diffusion import (
     DPMSolverPP2MSampler,
     NoiseSchedule,
     condition_score,
+    make_generators,
     make_timesteps,
     sample,
+    seeded_noise,
 )
 
 T = 1000
@@ -138,3 +140,63 @@ def test_rejects_bad_arguments_and_draws_no_noise() -> None:
         DPMSolverPP2MSampler(spacing="uniform")
     schedule, sampler = NoiseSchedule("linear", T), DPMSolverPP2MSampler(num_steps=5)
     assert not any(sampler.needs_noise(schedule, t) for t in sampler.timesteps(schedule).tolist())
+
+
+def _diffusers_sde_loop(schedule: NoiseSchedule, prediction: str, spacing: str, num_steps: int, seed: int,
+                        **config) -> torch.Tensor:  # fmt: skip
+    """diffusers' sde-dpmsolver++ loop, its per-step noise taken in our loop's order from the same seeded
+    generator (x_T, then one draw per step whose target is not sigma = 0) and handed in as variance_noise."""
+    ref = DPMSolverMultistepScheduler(
+        num_train_timesteps=T, beta_start=schedule.beta_start, beta_end=schedule.beta_end,
+        beta_schedule="scaled_linear", prediction_type=DIFFUSERS_PREDICTION[prediction],
+        algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="midpoint", **config,
+    )  # fmt: skip
+    ref.set_timesteps(timesteps=make_timesteps(T, num_steps, spacing).tolist())
+    abar = schedule.alphas_cumprod[ref.timesteps]
+    last = (
+        ref.sigmas[-1:].double()
+        if float(ref.sigmas[-1]) == 0
+        else ((1 - schedule.alphas_cumprod[:1]) / schedule.alphas_cumprod[:1]).sqrt()
+    )
+    ref.sigmas = torch.cat([((1 - abar) / abar).sqrt(), last])
+    generators = make_generators([seed], "cpu")
+    draw = lambda: seeded_noise([seed], SHAPE[1:], generators, dtype=torch.float64)  # noqa: E731
+    x = draw()
+    for i, t in enumerate(ref.timesteps):
+        lands_on_zero = i == len(ref.timesteps) - 1 and float(ref.sigmas[-1]) == 0
+        noise = torch.full(SHAPE, float("nan"), dtype=torch.float64) if lands_on_zero else draw()
+        if lands_on_zero:
+            noise.zero_()  # its coefficient sigma_t' is 0 there; our loop draws nothing
+        x = ref.step(_toy_model(x, t.expand(SHAPE[0])), t, x, variance_noise=noise).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize(("num_steps", "final_sigmas_type"), [(1, "zero"), (2, "zero"), (10, "zero"), (20, "zero"),
+                                                              (10, "sigma_min"), (20, "sigma_min")])  # fmt: skip
+def test_sde_loop_equals_diffusers(prediction, spacing, num_steps, final_sigmas_type, monkeypatch) -> None:
+    """SDE-DPM-Solver++(2M) against diffusers' algorithm_type="sde-dpmsolver++" with the same noise."""
+    monkeypatch.setattr(scheduling_dpmsolver_multistep, "torch", _Float64Torch())
+    schedule = NoiseSchedule("scaled_linear", T)
+    expected = _diffusers_sde_loop(schedule, prediction, spacing, num_steps, seed=11,
+                                   final_sigmas_type=final_sigmas_type)  # fmt: skip
+    sampler = DPMSolverPP2MSampler(num_steps=num_steps, spacing=spacing, algorithm="sde-dpmsolver++",
+                                   final_sigmas_type=final_sigmas_type)  # fmt: skip
+    got = sample(_toy_model, SHAPE, schedule, sampler, prediction_type=prediction, seeds=[11],
+                 dtype=torch.float64)  # fmt: skip
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    ode = sample(_toy_model, SHAPE, schedule, DPMSolverPP2MSampler(num_steps=num_steps, spacing=spacing,
+                 final_sigmas_type=final_sigmas_type), prediction_type=prediction, seeds=[11], dtype=torch.float64)  # fmt: skip
+    if num_steps > 1 or final_sigmas_type == "sigma_min":
+        assert (got - ode).abs().max() > 1e-3  # the noise is used: not the ODE's result
+
+
+def test_sde_variant_needs_noise_except_onto_sigma_zero_and_refuses_unknown_algorithms() -> None:
+    schedule = NoiseSchedule("scaled_linear", T)
+    sde = DPMSolverPP2MSampler(num_steps=5, algorithm="sde-dpmsolver++")
+    chain = sde.timesteps(schedule).tolist()
+    assert [sde.needs_noise(schedule, t, p) for t, p in zip(chain, [*chain[1:], -1])] == [True] * 4 + [False]
+    assert not any(DPMSolverPP2MSampler(num_steps=5).needs_noise(schedule, t) for t in chain)
+    with pytest.raises(ValueError, match="sde-dpmsolver"):
+        DPMSolverPP2MSampler(algorithm="sde")
