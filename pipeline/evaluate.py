@@ -35,6 +35,7 @@ from eval.wandb_log import log_to_wandb
 from lightning_modules.artifacts import check_eval_feature_net, load_classifier, load_diffusion
 from pipeline.common import save_config, scrub_secrets
 from pipeline.config_checks import EVALUATE_RULES, ConfigError, check_config
+from pipeline.resolvers import sampling_dtype
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -134,7 +135,7 @@ def build_job(cfg: DictConfig, rank: int, world: int, local_rank: int) -> SweepJ
         check_sample_count(dm.num_samples(cfg.reference.split), extractor.feature_dim)
     generator = SampleGenerator(
         diffusion, instantiate(cfg.sampler), classifier=classifier, class_names=dm.class_names,
-        caption_template=g.caption_template, device=device, dtype=cfg.sampling_dtype,
+        caption_template=g.caption_template, device=device, dtype=sampling_dtype(cfg.sampling_dtype, device),
         progress_steps=cfg.progress_steps,
     )  # fmt: skip
     return SweepJob(

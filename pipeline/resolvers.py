@@ -52,6 +52,21 @@ def auto_precision(accelerator: str = "cpu") -> str:
     return FP32  # mps, tpu, ...: what the Trainer does by default
 
 
+SAMPLING_DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def sampling_dtype(requested: str, device: str | torch.device = "cpu") -> str:
+    """`sampling_dtype` of an evaluation with "auto" resolved for `device`: "bf16" autocast where it computes
+    bf16 natively (what `auto_precision` trains with), else "fp32"; the other values as given. Resolved before
+    the sampler's fingerprint is taken, so a setting's hash records the dtype its samples were drawn in."""
+    if requested not in SAMPLING_DTYPES:
+        raise ValueError(f"sampling_dtype={requested!r}: expected one of {list(SAMPLING_DTYPES)}")
+    if requested != "auto":
+        return requested
+    accelerator = "cuda" if str(device).startswith("cuda") else "cpu"
+    return "bf16" if auto_precision(accelerator) == BF16 else "fp32"
+
+
 def fused_adam(accelerator: str = "cpu", precision: str = "32-true") -> bool | None:
     """Adam(W)'s `fused` for the stages' optimisers: True on CPU (one fused kernel instead of PyTorch's CPU
     default, a per-parameter loop of small ops: 4 vs 20 ms per step for the demo's 2.6M-parameter U-Net on

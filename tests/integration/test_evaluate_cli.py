@@ -155,3 +155,16 @@ def test_bad_input_exits_before_sampling(tiny_data, runs):
     proc = evaluate(tiny_data, runs, "sweep_name=bad", "guidance.scales=[]", check=False)
     assert proc.returncode != 0 and "guidance.scales is empty" in proc.stderr + proc.stdout
     assert not eval_dir(runs, "bad").exists() or not list(eval_dir(runs, "bad").glob("cfg_*"))
+    proc = evaluate(tiny_data, runs, "sweep_name=bad_dtype", "sampling_dtype=int8", check=False)
+    assert proc.returncode != 0 and "sampling_dtype='int8'" in proc.stderr and "'auto'" in proc.stderr
+    assert not eval_dir(runs, "bad_dtype").exists() or not list(eval_dir(runs, "bad_dtype").glob("cfg_*"))
+
+
+def test_auto_sampling_dtype_is_resolved_for_this_machine_and_recorded(tiny_data, runs):
+    """sampling_dtype=auto (the CPU demo's): bf16 autocast where this CPU computes bf16 natively, else fp32;
+    the setting's results row and hash record the resolved dtype, not "auto"."""
+    from pipeline.resolvers import cpu_has_native_bf16
+
+    evaluate(tiny_data, runs, "sweep_name=auto_dtype", "guidance.scales=[3]", "sampling_dtype=auto")
+    row = json.loads((eval_dir(runs, "auto_dtype") / "cfg_s3" / "metrics.json").read_text())
+    assert row["dtype"] == ("bf16" if cpu_has_native_bf16() else "fp32")

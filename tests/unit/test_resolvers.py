@@ -89,3 +89,24 @@ def test_stage_optimisers_are_fused_on_cpu_and_build():
                     assert cfg.stage.module[key].fused is True, (stage, key)
                     opt = instantiate(cfg.stage.module[key])([torch.nn.Parameter(torch.zeros(3))])
                     assert opt.defaults["fused"] is True
+
+
+@pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_sampling_dtype_follows_native_bf16(monkeypatch, native, expected):
+    monkeypatch.setattr(resolvers, "cpu_has_native_bf16", lambda: native)
+    assert resolvers.sampling_dtype("auto", "cpu") == expected
+    for given in ("fp32", "bf16", "fp16"):  # explicit values are kept on any machine
+        assert resolvers.sampling_dtype(given, "cpu") == given
+
+
+@pytest.mark.parametrize("bf16,expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_sampling_dtype_on_cuda_follows_its_bf16(monkeypatch, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(resolvers, "cpu_has_native_bf16", lambda: not bf16)  # the CPU's answer must not leak in
+    assert resolvers.sampling_dtype("auto", "cuda:1") == expected
+
+
+def test_unknown_sampling_dtype_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"sampling_dtype='int8'.*'auto'"):
+        resolvers.sampling_dtype("int8", "cpu")
