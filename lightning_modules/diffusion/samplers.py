@@ -320,7 +320,7 @@ class DPMSolverPP2MSampler(_RespacedSampler):
     The first step is first order (no history yet), and so is the last one when `final_sigmas_type` is
     "zero" (the chain ends at sigma = 0, i.e. x0) or when `lower_order_final` and fewer than 15 steps
     (diffusers' numerical-stability choice). final_sigmas_type "sigma_min" ends at the noise level of
-    training timestep 0 instead of 0. Deterministic (never needs noise). Classifier guidance goes through
+    training timestep 0 instead of 0. The ODE (the default) never needs noise. Classifier guidance goes through
     the guided eps, eps - sqrt(1 - abar_t) grad (guided-diffusion `condition_score`), before x0 is formed.
 
     `algorithm` "sde-dpmsolver++" is the stochastic variant (Lu et al. 2022, Appendix B, "SDE-DPM-Solver++2M";
