@@ -19,6 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from core.machine import ONEDNN_ISA_CAP, kernel_caps
+from lightning_modules.generation import AUTOCAST_DTYPES
 
 BF16, FP32 = "bf16-mixed", "32-true"
 
@@ -52,7 +53,7 @@ def auto_precision(accelerator: str = "cpu") -> str:
     return FP32  # mps, tpu, ...: what the Trainer does by default
 
 
-SAMPLING_DTYPES = ("auto", "fp32", "bf16", "fp16")
+SAMPLING_DTYPES = ("auto", *AUTOCAST_DTYPES)  # auto, then the generator's own
 
 
 def sampling_dtype(requested: str, device: str | torch.device = "cpu") -> str:

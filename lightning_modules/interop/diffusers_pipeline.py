@@ -31,6 +31,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
+from lightning_modules.diffusion.sampling import make_generators, seeded_noise
+
 __all__ = ["ClassEmbedder", "GuidedLDMPipeline"]
 
 
@@ -142,37 +144,34 @@ class GuidedLDMPipeline(DiffusionPipeline):
     def _initial_latents(
         self, batch: int, seeds: Sequence[int] | None, generator: Any, latents: Tensor | None,
         device: torch.device, dtype: torch.dtype,
-    ) -> Tensor:  # fmt: skip
+    ) -> tuple[Tensor, list[torch.Generator] | None]:  # fmt: skip
+        """x_T, and the per-sample generators of `seeds` (None without seeds or with `latents` given), whose
+        streams a stochastic scheduler's step noise continues (`_step_noise`)."""
         channels, size = int(self.unet.config.in_channels), int(self.unet.config.sample_size)
         shape = (batch, channels, size, size)
         if latents is not None:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents of shape {tuple(latents.shape)}, expected {shape}")
-            return latents.to(device=device, dtype=dtype)
+            return latents.to(device=device, dtype=dtype), None
         if seeds is not None:
             seeds = [int(s) for s in seeds]
             if len(seeds) != batch:
                 raise ValueError(f"{len(seeds)} seeds for {batch} samples")
             # Our sampling.seeded_noise: one generator per sample, so a sample depends on its seed alone.
-            self._seed_generators = [torch.Generator(device=device).manual_seed(s % (1 << 32)) for s in seeds]
-            return self._seeded_noise(shape, device, dtype)
-        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            generators = make_generators(seeds, device)
+            return seeded_noise(seeds, shape[1:], generators, dtype=dtype), generators
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype), None
 
-    def _seeded_noise(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-        """The next (B, ...) draw of the per-sample generators of `seeds` (x_T first, then each step's noise)."""
-        return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype)
-                            for g in self._seed_generators])  # fmt: skip
-
-    def _step_noise(self, step: int, seeded: bool, shape: tuple[int, ...], device: torch.device,
-                    dtype: torch.dtype) -> dict[str, Tensor]:  # fmt: skip
+    def _step_noise(self, step: int, seeds: Sequence[int] | None, generators: list[torch.Generator] | None,
+                    x: Tensor) -> dict[str, Tensor]:  # fmt: skip
         """variance_noise for a stochastic DPM-Solver++ step with per-sample seeds, drawn in our loop's order
         (sampling.sample: one draw per step that does not land on sigma = 0), so seeded samples equal ours;
         nothing for other schedulers or without seeds (diffusers then draws from `generator`)."""
-        if not seeded or not str(getattr(self.scheduler.config, "algorithm_type", "")).startswith("sde"):
+        if generators is None or not str(getattr(self.scheduler.config, "algorithm_type", "")).startswith("sde"):
             return {}
         if float(self.scheduler.sigmas[step + 1]) == 0.0:
-            return {"variance_noise": torch.zeros(shape, device=device, dtype=dtype)}  # its coefficient is 0
-        return {"variance_noise": self._seeded_noise(shape, device, dtype)}
+            return {"variance_noise": torch.zeros_like(x)}  # its coefficient is 0 there; our loop draws nothing
+        return {"variance_noise": seeded_noise(seeds, x.shape[1:], generators, dtype=x.dtype)}
 
     # --- sampling --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -218,7 +217,7 @@ class GuidedLDMPipeline(DiffusionPipeline):
         attention_mask = None if bool(mask.all()) else mask
 
         dtype = self.unet.dtype
-        x = self._initial_latents(batch, seeds, generator, latents, device, dtype)
+        x, seed_generators = self._initial_latents(batch, seeds, generator, latents, device, dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         x = x * self.scheduler.init_noise_sigma
         step_kwargs = self._step_kwargs(eta, generator)
@@ -233,8 +232,7 @@ class GuidedLDMPipeline(DiffusionPipeline):
                 out = eps_u + guidance_scale * (eps_c - eps_u)
                 if guidance_rescale:
                     out = _rescale(out, eps_c, guidance_rescale)
-            noise = self._step_noise(i, seeds is not None and latents is None, tuple(x.shape), device, x.dtype)
-            x = self.scheduler.step(out, t, x, **step_kwargs, **noise).prev_sample
+            x = self.scheduler.step(out, t, x, **step_kwargs, **self._step_noise(i, seeds, seed_generators, x)).prev_sample
 
         if output_type == "latent":
             images: Any = x

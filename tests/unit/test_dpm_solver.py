@@ -40,11 +40,14 @@ class _Float64Torch:
 
 
 def _diffusers_loop(schedule: NoiseSchedule, prediction: str, spacing: str, num_steps: int, seed: int,
-                    **config) -> torch.Tensor:  # fmt: skip
+                    algorithm: str = "dpmsolver++", **config) -> torch.Tensor:  # fmt: skip
+    """diffusers' whole loop from our seeded x_T. For "sde-dpmsolver++" its per-step noise is taken in our loop's
+    order from the same per-sample generator (one draw per step whose target is not sigma = 0) and handed in
+    as variance_noise."""
     ref = DPMSolverMultistepScheduler(
         num_train_timesteps=T, beta_start=schedule.beta_start, beta_end=schedule.beta_end,
         beta_schedule="scaled_linear", prediction_type=DIFFUSERS_PREDICTION[prediction],
-        algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", **config,
+        algorithm_type=algorithm, solver_order=2, solver_type="midpoint", **config,
     )  # fmt: skip
     if spacing == "trailing":
         # diffusers' own trailing chain, the same as make_timesteps' for this count.
@@ -63,10 +66,15 @@ def _diffusers_loop(schedule: NoiseSchedule, prediction: str, spacing: str, num_
         else ((1 - schedule.alphas_cumprod[:1]) / schedule.alphas_cumprod[:1]).sqrt()
     )
     ref.sigmas = torch.cat([((1 - abar) / abar).sqrt(), last])
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(SHAPE, generator=generator, dtype=torch.float64)
-    for t in ref.timesteps:
-        x = ref.step(_toy_model(x, t.expand(SHAPE[0])), t, x).prev_sample
+    generators = make_generators([seed], "cpu")
+    x = seeded_noise([seed], SHAPE[1:], generators, dtype=torch.float64)
+    for i, t in enumerate(ref.timesteps):
+        noise = {}
+        if algorithm.startswith("sde"):  # onto sigma = 0 its coefficient is 0, and our loop draws nothing
+            lands_on_zero = float(ref.sigmas[i + 1]) == 0
+            noise = {"variance_noise": torch.zeros(SHAPE, dtype=torch.float64) if lands_on_zero
+                     else seeded_noise([seed], SHAPE[1:], generators, dtype=torch.float64)}  # fmt: skip
+        x = ref.step(_toy_model(x, t.expand(SHAPE[0])), t, x, **noise).prev_sample
     return x
 
 
@@ -142,35 +150,6 @@ def test_rejects_bad_arguments_and_draws_no_noise() -> None:
     assert not any(sampler.needs_noise(schedule, t) for t in sampler.timesteps(schedule).tolist())
 
 
-def _diffusers_sde_loop(schedule: NoiseSchedule, prediction: str, spacing: str, num_steps: int, seed: int,
-                        **config) -> torch.Tensor:  # fmt: skip
-    """diffusers' sde-dpmsolver++ loop, its per-step noise taken in our loop's order from the same seeded
-    generator (x_T, then one draw per step whose target is not sigma = 0) and handed in as variance_noise."""
-    ref = DPMSolverMultistepScheduler(
-        num_train_timesteps=T, beta_start=schedule.beta_start, beta_end=schedule.beta_end,
-        beta_schedule="scaled_linear", prediction_type=DIFFUSERS_PREDICTION[prediction],
-        algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="midpoint", **config,
-    )  # fmt: skip
-    ref.set_timesteps(timesteps=make_timesteps(T, num_steps, spacing).tolist())
-    abar = schedule.alphas_cumprod[ref.timesteps]
-    last = (
-        ref.sigmas[-1:].double()
-        if float(ref.sigmas[-1]) == 0
-        else ((1 - schedule.alphas_cumprod[:1]) / schedule.alphas_cumprod[:1]).sqrt()
-    )
-    ref.sigmas = torch.cat([((1 - abar) / abar).sqrt(), last])
-    generators = make_generators([seed], "cpu")
-    draw = lambda: seeded_noise([seed], SHAPE[1:], generators, dtype=torch.float64)  # noqa: E731
-    x = draw()
-    for i, t in enumerate(ref.timesteps):
-        lands_on_zero = i == len(ref.timesteps) - 1 and float(ref.sigmas[-1]) == 0
-        noise = torch.full(SHAPE, float("nan"), dtype=torch.float64) if lands_on_zero else draw()
-        if lands_on_zero:
-            noise.zero_()  # its coefficient sigma_t' is 0 there; our loop draws nothing
-        x = ref.step(_toy_model(x, t.expand(SHAPE[0])), t, x, variance_noise=noise).prev_sample
-    return x
-
-
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize(("num_steps", "final_sigmas_type"), [(1, "zero"), (2, "zero"), (10, "zero"), (20, "zero"),
@@ -179,8 +158,8 @@ def test_sde_loop_equals_diffusers(prediction, spacing, num_steps, final_sigmas_
     """SDE-DPM-Solver++(2M) against diffusers' algorithm_type="sde-dpmsolver++" with the same noise."""
     monkeypatch.setattr(scheduling_dpmsolver_multistep, "torch", _Float64Torch())
     schedule = NoiseSchedule("scaled_linear", T)
-    expected = _diffusers_sde_loop(schedule, prediction, spacing, num_steps, seed=11,
-                                   final_sigmas_type=final_sigmas_type)  # fmt: skip
+    expected = _diffusers_loop(schedule, prediction, spacing, num_steps, seed=11, algorithm="sde-dpmsolver++",
+                               final_sigmas_type=final_sigmas_type)  # fmt: skip
     sampler = DPMSolverPP2MSampler(num_steps=num_steps, spacing=spacing, algorithm="sde-dpmsolver++",
                                    final_sigmas_type=final_sigmas_type)  # fmt: skip
     got = sample(_toy_model, SHAPE, schedule, sampler, prediction_type=prediction, seeds=[11],
